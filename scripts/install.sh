@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install latentguard and everything it needs on a fresh Debian machine. Safe to run again.
+#   scripts/install.sh          the library, the CLI and the Fashion-MNIST data
+#   scripts/install.sh --test   the same plus the test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+if [[ "${1:-}" == "--test" ]]; then extras="[test]"; fi
+
+# Fashion-MNIST comes from Debian (no download at run time).
+if [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
+  sudo_cmd=""
+  if [[ "$(id -u)" -ne 0 ]]; then sudo_cmd="sudo"; fi
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq dataset-fashion-mnist
+fi
+
+pip_install() { python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"; }
+
+# The CPU build of torch first: a plain `torch` requirement would otherwise pull a multi-GB CUDA build.
+pip_install torch==2.13.0
+# torchattacks pins torchvision and would replace torch: install it alone, it imports without them.
+pip_install --no-deps torchattacks==3.5.1
+pip_install -c requirements/constraints.txt -e ".${extras}"

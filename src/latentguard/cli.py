@@ -1,0 +1,154 @@
+"""``latentguard`` command line: run, train, eval, report, sweep, layers.
+
+User mistakes (config, data, layer names, checkpoints) end with exit code 2 and one line naming the problem;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from latentguard.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config", nargs="?", type=Path, help="YAML run config (default: the embedded Fashion-MNIST config)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set training.steps=100 --set defenses.lat.sites=[block1]",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny subset, few steps: checks an install in minutes")
+    parser.add_argument("--out", type=Path, help="run folder to create (default: OUTPUT_DIR/NAME-TIMESTAMP)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="latentguard",
+        description="Latent Adversarial Training: implant trojans, apply defenses (none, clean, AT, LAT, "
+        "RLAT), evaluate against held-out attacks and report.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="implant → defenses → held-out evaluation → report")
+    _config_args(run)
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run folder")
+
+    train = commands.add_parser("train", help="implant trojans and train the defenses, without evaluation")
+    _config_args(train)
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run folder")
+
+    evaluate = commands.add_parser("eval", help="(re)evaluate the trained models of a run folder and report")
+    evaluate.add_argument("run_dir", type=Path)
+
+    report = commands.add_parser("report", help="rewrite report.md and plots from a run's results.json")
+    report.add_argument("run_dir", type=Path)
+
+    sweep = commands.add_parser("sweep", help="LAT over layers × epsilons × seeds, next to the config's baselines")
+    _config_args(sweep)
+    sweep.add_argument("--layers", help="comma-separated layer names (default: the task's named stages)")
+    sweep.add_argument("--epsilons", help="comma-separated LAT epsilons (default: the config's)")
+    sweep.add_argument("--seeds", help="comma-separated seeds (default: the config's)")
+    sweep.add_argument("--kind", choices=("lat", "rlat"), default="lat", help="which defense to sweep")
+
+    layers = commands.add_parser("layers", help="list the layer names a config's model offers")
+    layers.add_argument("config", nargs="?", type=Path)
+    layers.add_argument("--all", action="store_true", help="every submodule, not only the named stages")
+    return parser
+
+
+def _progress(args: argparse.Namespace) -> list[str]:
+    return ["progress=false"] if getattr(args, "no_progress", False) else []
+
+
+def _csv(text: str | None, kind: type, flag: str) -> list:
+    if not text:
+        return []
+    try:
+        return [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected a comma-separated list of {kind.__name__} values, got {text!r}") from None
+
+
+def _command(args: argparse.Namespace) -> int:
+    from latentguard import pipeline
+    from latentguard.config import load_config
+
+    if args.command in ("run", "train"):
+        if args.resume is not None:
+            if args.config is not None or args.overrides or args.quick:
+                raise UserError("--resume takes its config from the run folder; drop CONFIG, --set and --quick")
+            config = pipeline.resume_config(args.resume)
+            run_dir = pipeline.run(config, args.resume, resume=True, train_only=args.command == "train")
+        else:
+            config = load_config(args.config, [*args.overrides, *_progress(args)], quick=args.quick)
+            run_dir = pipeline.run(config, args.out, train_only=args.command == "train")
+        print(f"run folder: {run_dir}")
+        if args.command == "run":
+            print(f"report: {run_dir / 'report.md'}")
+        return 0
+    if args.command == "eval":
+        run_dir = pipeline.reevaluate(args.run_dir)
+        print(f"report: {run_dir / 'report.md'}")
+        return 0
+    if args.command == "report":
+        from latentguard.report import render_run
+
+        for path in render_run(args.run_dir):
+            print(path)
+        return 0
+    if args.command == "sweep":
+        from latentguard.sweep import sweep_config
+
+        base = load_config(args.config, [*args.overrides, *_progress(args)], quick=args.quick)
+        config = sweep_config(
+            base,
+            layers=_csv(args.layers, str, "--layers"),
+            epsilons=_csv(args.epsilons, float, "--epsilons"),
+            seeds=_csv(args.seeds, int, "--seeds"),
+            kind=args.kind,
+        )
+        run_dir = pipeline.run(config, args.out)
+        print(f"run folder: {run_dir}\nreport: {run_dir / 'report.md'}")
+        return 0
+    if args.command == "layers":
+        from latentguard.domains import build_task
+        from latentguard.engine.site import module_names
+
+        config = load_config(args.config)
+        task = build_task(config.task, config.evaluation.attacks, config.seeds[0], "cpu")
+        names = module_names(task.build_model()) if args.all else list(task.layers)
+        print("\n".join(names))
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _command(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"latentguard: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("latentguard: interrupted; continue with --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

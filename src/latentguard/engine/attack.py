@@ -1,0 +1,243 @@
+"""One PGD engine for every site: input pixels, token embeddings or any hidden layer.
+
+``pgd`` is the algorithm on plain tensors; ``LatentAttack`` binds it to a model, a ``ModelIO`` and named
+sites through forward hooks. The model's weights take no gradient inside the attack and its train/eval
+modes are restored afterwards. The inner loop only needs ``run(deltas) -> output``: today that is a full
+forward with hooks; a split model can supply the suffix alone without touching ``pgd``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from latentguard.engine.io import ModelIO
+from latentguard.engine.site import Intervention, frozen
+from latentguard.engine.threat import (
+    Threat,
+    ascent_direction,
+    mean_unit_size,
+    project,
+    radius,
+    random_in_ball,
+    random_on_sphere,
+)
+from latentguard.errors import NonFiniteError
+
+Deltas = dict[str, Tensor]
+Run = Callable[[Any], Any]
+
+
+class PGDConfig(BaseModel):
+    """How the adversary searches its ball."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(8, ge=1, le=10_000)
+    step_ratio: float = Field(2.5, gt=0, description="step size = step_ratio × radius / steps")
+    random_start: bool = True
+    optimizer: Literal["pgd", "adam"] = "pgd"
+    model_mode: Literal["eval", "train"] = Field("eval", description="model mode during the attack")
+
+
+class Objective(Protocol):
+    """What the adversary maximises, given a way to run the (perturbed) model on a batch."""
+
+    def __call__(self, run: Run, io: ModelIO, batch: Any) -> Tensor: ...
+
+
+def untargeted(run: Run, io: ModelIO, batch: Any) -> Tensor:
+    """Raise the task loss on the true labels."""
+    return io.loss(run(batch), batch).mean()
+
+
+@dataclass(frozen=True)
+class Targeted:
+    """Pull the model toward ``target`` labels, optionally pushing it away from the true ones.
+
+    ``target`` is a class index or a function from the batch to target labels. ``io.with_labels`` keeps the
+    inputs, so one forward serves both terms.
+    """
+
+    target: int | Callable[[Any], Tensor]
+    away_weight: float = 0.0
+
+    def __call__(self, run: Run, io: ModelIO, batch: Any) -> Tensor:
+        output = run(batch)
+        true_loss = io.loss(output, batch)
+        labels = self.target(batch) if callable(self.target) else torch.full_like(batch[1], self.target)
+        toward = io.loss(output, io.with_labels(batch, labels))
+        return (-toward + self.away_weight * true_loss).mean()
+
+
+@dataclass
+class AttackResult:
+    deltas: Deltas
+    radii: dict[str, float]
+    losses: list[float] = field(default_factory=list)  # objective at the start of each step
+    first_grad_norm: float = 0.0
+    fired: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def gain(self) -> float:
+        return self.losses[-1] - self.losses[0] if len(self.losses) > 1 else 0.0
+
+
+def _check_finite(value: Tensor, what: str, site: str, step: int) -> None:
+    if not torch.isfinite(value).all():
+        raise NonFiniteError(f"non-finite {what} at site {site!r}, attack step {step}")
+
+
+def pgd(
+    objective: Callable[[Deltas], Tensor],
+    references: Deltas,
+    radii: dict[str, float],
+    threats: dict[str, Threat],
+    config: PGDConfig,
+    positions: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> AttackResult:
+    """Projected gradient ascent on ``objective`` over one perturbation per site."""
+    deltas: Deltas = {}
+    for site, ref in references.items():
+        threat, rad = threats[site], radii[site]
+        start = random_in_ball(ref, threat, rad, generator) if config.random_start else torch.zeros_like(ref)
+        deltas[site] = project(start, threat, rad, ref, positions).detach()
+    adam = None
+    if config.optimizer == "adam":
+        for delta in deltas.values():
+            delta.requires_grad_(True)
+        lr = config.step_ratio * min(radii.values()) / config.steps
+        adam = torch.optim.Adam(list(deltas.values()), lr=lr)
+    result = AttackResult(deltas=deltas, radii=dict(radii))
+    for step in range(config.steps):
+        for delta in deltas.values():
+            delta.requires_grad_(True)
+        loss = objective(deltas)
+        _check_finite(loss.detach(), "attack loss", ",".join(deltas), step)
+        grads = torch.autograd.grad(loss, list(deltas.values()))
+        result.losses.append(float(loss.detach()))
+        if step == 0:
+            result.first_grad_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        with torch.no_grad():
+            for (site, delta), grad in zip(list(deltas.items()), grads, strict=True):
+                _check_finite(grad, "perturbation gradient", site, step)
+                threat, rad = threats[site], radii[site]
+                if adam is not None:
+                    delta.grad = -grad  # Adam minimises
+                else:
+                    delta = delta + config.step_ratio * rad / config.steps * ascent_direction(grad, threat)
+                deltas[site] = delta
+        if adam is not None:
+            adam.step()
+            adam.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for site in deltas:
+                threat, rad = threats[site], radii[site]
+                projected = project(deltas[site].detach(), threat, rad, references[site], positions)
+                if adam is not None:
+                    deltas[site].copy_(projected)
+                else:
+                    deltas[site] = projected
+    result.deltas = {site: delta.detach() for site, delta in deltas.items()}
+    return result
+
+
+class LatentAttack:
+    """PGD at named sites of an unmodified model (``"input"`` for input-space AT).
+
+    ``unit_sizes`` holds each site's calibration (mean unit size) once measured; relative epsilons are
+    resolved against it, so the budget stays fixed for a whole run.
+    """
+
+    def __init__(
+        self,
+        sites: list[str],
+        threat: Threat,
+        config: PGDConfig | None = None,
+        objective: Objective = untargeted,
+    ) -> None:
+        self.sites = list(sites)
+        self.threat = threat
+        self.config = config or PGDConfig()
+        self.objective = objective
+        self.unit_sizes: dict[str, float] = {}
+
+    def threats(self) -> dict[str, Threat]:
+        return dict.fromkeys(self.sites, self.threat)
+
+    def radii(self) -> dict[str, float]:
+        return {site: radius(self.threat, self.unit_sizes.get(site)) for site in self.sites}
+
+    def capture(self, model: nn.Module, io: ModelIO, batch: Any) -> Deltas:
+        """The clean activations at every site (weights frozen, no graph kept)."""
+        with frozen(model, train=self.config.model_mode == "train"), torch.no_grad():
+            with Intervention(model, self.sites, capture=True) as hooks:
+                io.forward(model, batch)
+            hooks.check_fired()
+        return hooks.activations
+
+    def calibrate(self, model: nn.Module, io: ModelIO, batch: Any) -> dict[str, float]:
+        """Measure the mean unit size at each site on ``batch`` (once per run)."""
+        activations = self.capture(model, io, batch)
+        positions = io.positions(batch)
+        for site, act in activations.items():
+            self.unit_sizes[site] = mean_unit_size(act, self.threat, _positions_for(act, positions))
+        return dict(self.unit_sizes)
+
+    def _ensure_calibrated(self, model: nn.Module, io: ModelIO, batch: Any) -> None:
+        if self.threat.epsilon_mode == "relative" and any(s not in self.unit_sizes for s in self.sites):
+            self.calibrate(model, io, batch)
+
+    def __call__(
+        self, model: nn.Module, io: ModelIO, batch: Any, generator: torch.Generator | None = None
+    ) -> AttackResult:
+        self._ensure_calibrated(model, io, batch)
+        references = self.capture(model, io, batch)
+        positions = io.positions(batch)
+        radii = self.radii()
+        with frozen(model, train=self.config.model_mode == "train"), Intervention(model, self.sites) as hooks:
+
+            def run_with(deltas: Deltas) -> Tensor:
+                hooks.deltas = deltas
+                return self.objective(lambda b: io.forward(model, b), io, batch)
+
+            site_positions = _positions_for(next(iter(references.values())), positions)
+            result = pgd(run_with, references, radii, self.threats(), self.config, site_positions, generator)
+        result.fired = dict(hooks.fired)
+        return result
+
+    def noise(
+        self, model: nn.Module, io: ModelIO, batch: Any, generator: torch.Generator | None = None
+    ) -> AttackResult:
+        """Random perturbations on the sphere of the same radius: the RLAT baseline and a sanity check."""
+        self._ensure_calibrated(model, io, batch)
+        references = self.capture(model, io, batch)
+        positions = io.positions(batch)
+        radii = self.radii()
+        deltas = {}
+        for site, ref in references.items():
+            site_positions = _positions_for(ref, positions)
+            noise = random_on_sphere(ref, self.threat, radii[site], generator, site_positions)
+            deltas[site] = project(noise, self.threat, radii[site], ref, site_positions)
+        return AttackResult(deltas=deltas, radii=radii)
+
+    def loss_with(self, model: nn.Module, io: ModelIO, batch: Any, deltas: Deltas) -> float:
+        """The objective under given perturbations (no gradients): to compare attacks with noise."""
+        with frozen(model, train=self.config.model_mode == "train"), torch.no_grad():
+            with Intervention(model, self.sites) as hooks:
+                hooks.deltas = deltas
+                return float(self.objective(lambda b: io.forward(model, b), io, batch))
+
+
+def _positions_for(activation: Tensor, positions: Tensor | None) -> Tensor | None:
+    """A position mask applies only to activations laid out as (batch, positions, ...)."""
+    if positions is None or activation.dim() < 3 or tuple(activation.shape[:2]) != tuple(positions.shape):
+        return None
+    return positions

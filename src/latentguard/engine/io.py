@@ -1,0 +1,55 @@
+"""How the engine runs a model on a batch and scores it.
+
+The engine never looks inside a batch: each domain supplies a ``ModelIO`` that knows how to move a batch to a
+device, call the model on it, score the output per example and (for sequence models) which positions an
+adversary may perturb.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class ModelIO(Protocol):
+    """The engine's only view of a domain's batches."""
+
+    def to_device(self, batch: Any, device: torch.device) -> Any: ...
+
+    def forward(self, model: nn.Module, batch: Any) -> Any: ...
+
+    def loss(self, output: Any, batch: Any) -> Tensor:
+        """Per-example training loss, shape ``(batch,)``."""
+        ...
+
+    def positions(self, batch: Any) -> Tensor | None:
+        """``(batch, positions)`` bool mask of perturbable positions, or ``None`` when every element may move."""
+        ...
+
+    def with_labels(self, batch: Any, labels: Tensor) -> Any:
+        """The same inputs with other labels: targeted attacks aim the model at them."""
+        ...
+
+
+class ClassifierIO:
+    """``(inputs, labels)`` batches scored with cross-entropy: any plain PyTorch classifier."""
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        inputs, labels = batch
+        return inputs.to(device), labels.to(device)
+
+    def forward(self, model: nn.Module, batch: Any) -> Tensor:
+        return model(batch[0])
+
+    def loss(self, output: Tensor, batch: Any) -> Tensor:
+        return F.cross_entropy(output, batch[1], reduction="none")
+
+    def positions(self, batch: Any) -> Tensor | None:
+        return None
+
+    def with_labels(self, batch: Any, labels: Tensor) -> Any:
+        return batch[0], labels

@@ -1,0 +1,322 @@
+"""One training loop for every defense, so baselines are compared like for like.
+
+``none`` skips training, ``clean`` fine-tunes on clean batches, ``at`` trains on input/embedding-space PGD,
+``lat`` on latent PGD at one or more layers and ``rlat`` on random latent noise of the same radius. The loss
+is taken on the perturbed forward plus an optional weighted clean term.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from latentguard.engine.attack import AttackResult, LatentAttack, PGDConfig
+from latentguard.engine.io import ModelIO
+from latentguard.engine.site import Intervention
+from latentguard.engine.threat import Threat
+from latentguard.errors import CheckpointError, NonFiniteError
+from latentguard.runs import load_tensors, save_tensors
+
+DefenseKind = Literal["none", "clean", "at", "lat", "rlat"]
+PERTURBING: tuple[str, ...] = ("at", "lat", "rlat")
+
+
+class DefenseConfig(BaseModel):
+    """Which defense to train and against what threat."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: DefenseKind
+    sites: list[str] = Field(default_factory=list, description="layers to perturb; 'input' for AT")
+    threat: Threat | None = None
+    pgd: PGDConfig = PGDConfig()
+    clean_weight: float = Field(0.0, ge=0, description="weight of the extra loss on the clean forward")
+
+    @model_validator(mode="after")
+    def _needs_threat(self) -> DefenseConfig:
+        if self.kind in PERTURBING and self.threat is None:
+            raise ValueError(f"defense kind {self.kind!r} needs a threat")
+        if self.kind in ("lat", "rlat") and not self.sites:
+            raise ValueError(f"defense kind {self.kind!r} needs at least one site (a layer name)")
+        return self
+
+    def describe(self, radii: dict[str, float] | None = None) -> str:
+        if self.kind == "none":
+            return "no defense phase"
+        if self.kind == "clean":
+            return "clean fine-tuning"
+        assert self.threat is not None
+        where = ", ".join(self.sites)
+        radius = next(iter(radii.values())) if radii else None
+        what = {"at": "PGD", "lat": "latent PGD", "rlat": "random latent noise"}[self.kind]
+        steps = "" if self.kind == "rlat" else f", {self.pgd.steps} steps"
+        extra = f", clean weight {self.clean_weight:g}" if self.clean_weight else ""
+        return f"{what} at {where}: {self.threat.describe(radius)}{steps}{extra}"
+
+
+class TrainConfig(BaseModel):
+    """Optimisation settings shared by every defense."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float | None = Field(None, gt=0)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="0 = only at the end")
+    checkpoint_every: int = Field(0, ge=0, description="0 = never mid-run")
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    unit_sizes: dict[str, float] = field(default_factory=dict)
+    radii: dict[str, float] = field(default_factory=dict)
+    skipped: int = 0
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def cycle(loader: Iterable[Any], skip: int = 0) -> Iterator[Any]:
+    """Endless batches, epoch after epoch; ``skip`` fast-forwards so a resumed run sees the same order."""
+    seen = 0
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            if seen < skip:
+                seen += 1
+                continue
+            yield batch
+        if empty:
+            raise ValueError("the training data loader yielded no batches")
+
+
+class Trainer:
+    """Fine-tunes ``model`` under one defense; checkpoints atomically and resumes from them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        io: ModelIO,
+        defense: DefenseConfig,
+        config: TrainConfig | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        checkpoint: Path | None = None,
+        log: Callable[[dict[str, Any]], None] | None = None,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        progress: bool = True,
+        description: str = "train",
+    ) -> None:
+        self.model = model
+        self.io = io
+        self.defense = defense
+        self.config = config or TrainConfig()
+        self.device = torch.device(device)
+        self.checkpoint = checkpoint
+        self.log = log
+        self.evaluate = evaluate
+        self.progress = progress
+        self.description = description
+        self.attack: LatentAttack | None = None
+        if defense.kind in PERTURBING:
+            assert defense.threat is not None
+            self.attack = LatentAttack(defense.sites or ["input"], defense.threat, defense.pgd)
+        self.optimizer = build_optimizer(model, self.config)
+        self.schedule = build_schedule(self.optimizer, self.config)
+        self.step = 0
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if self.checkpoint is None:
+            return
+        tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        optim_state = self.optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, state in optim_state["state"].items():
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    tensors[f"optim.{index}.{key}"] = value
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        metadata = {
+            "step": self.step,
+            "defense": self.defense.model_dump(mode="json"),
+            "param_groups": optim_state["param_groups"],
+            "optim_scalars": scalars,
+            "schedule": self.schedule.state_dict(),
+            "unit_sizes": self.attack.unit_sizes if self.attack else {},
+        }
+        save_tensors(self.checkpoint, tensors, _jsonable(metadata))
+
+    def load_checkpoint(self) -> bool:
+        """Restore model, optimizer, schedule, RNG and step from ``checkpoint`` if it exists."""
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return False
+        tensors, meta = load_tensors(self.checkpoint)
+        if meta.get("defense") != self.defense.model_dump(mode="json"):
+            raise CheckpointError(f"{self.checkpoint}: written for another defense config; remove it to restart")
+        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(model_state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.checkpoint}: does not fit the model ({exc})") from exc
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for index, extra in meta.get("optim_scalars", {}).items():
+            state.setdefault(int(index), {}).update(extra)
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.schedule.load_state_dict(meta["schedule"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if self.attack is not None:
+            self.attack.unit_sizes.update(meta.get("unit_sizes", {}))
+        self.step = int(meta["step"])
+        return True
+
+    # -- one step ----------------------------------------------------------------------------------------
+    def _perturbation(self, batch: Any) -> AttackResult:
+        assert self.attack is not None
+        if self.defense.kind == "rlat":
+            return self.attack.noise(self.model, self.io, batch)
+        return self.attack(self.model, self.io, batch)
+
+    def train_step(self, batch: Any) -> dict[str, float] | None:
+        """One optimisation step; returns its metrics, or ``None`` when a non-finite batch was skipped."""
+        self.model.train()
+        terms: dict[str, Tensor] = {}
+        stats: dict[str, float] = {}
+        if self.defense.kind == "clean" or self.defense.clean_weight > 0:
+            terms["clean"] = self.io.loss(self.io.forward(self.model, batch), batch).mean()
+        if self.attack is not None:
+            attack = self._perturbation(batch)
+            with Intervention(self.model, self.attack.sites) as hooks:
+                hooks.deltas = attack.deltas
+                output = self.io.forward(self.model, batch)
+            hooks.check_fired()
+            terms["adversarial"] = self.io.loss(output, batch).mean()
+            if attack.losses:
+                stats["attack_gain"] = attack.gain
+        weights = {"clean": self.defense.clean_weight if self.attack else 1.0, "adversarial": 1.0}
+        loss = sum(weights[name] * value for name, value in terms.items())
+        assert isinstance(loss, Tensor)
+        if not torch.isfinite(loss):
+            return self._nonfinite("loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._nonfinite("gradient")
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        stats.update({f"loss/{name}": float(value.detach()) for name, value in terms.items()})
+        stats["loss"] = float(loss.detach())
+        stats["lr"] = float(self.schedule.get_last_lr()[0])
+        return stats
+
+    def _nonfinite(self, what: str) -> None:
+        where = ", ".join(self.attack.sites) if self.attack else "model"
+        message = f"non-finite {what} at step {self.step} (defense {self.defense.kind}, site {where})"
+        if self.config.on_nonfinite == "stop":
+            raise NonFiniteError(message + "; set training.on_nonfinite=skip to skip such batches")
+        return None
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def fit(self, loader: Iterable[Any], *, resume: bool = True) -> TrainResult:
+        """Train for ``config.steps`` steps (continuing a checkpoint when ``resume``)."""
+        start = time.perf_counter()
+        result = TrainResult(steps=0, seconds=0.0)
+        self.model.to(self.device)
+        if self.defense.kind == "none":
+            return result
+        if resume:
+            self.load_checkpoint()
+        batches = cycle(loader, skip=self.step)
+        bar = tqdm(
+            total=self.config.steps,
+            initial=self.step,
+            desc=self.description,
+            disable=not self.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        try:
+            while self.step < self.config.steps:
+                batch = self.io.to_device(next(batches), self.device)
+                if self.attack is not None and self.step == 0 and not self.attack.unit_sizes:
+                    self.attack.calibrate(self.model, self.io, batch)
+                stats = self.train_step(batch)
+                self.step += 1
+                bar.update(1)
+                if stats is None:
+                    result.skipped += 1
+                    continue
+                if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}")
+                    self._emit({"step": self.step, **stats})
+                if self.evaluate and self.config.eval_every and self.step % self.config.eval_every == 0:
+                    self._emit({"step": self.step, **{f"eval/{k}": v for k, v in self.evaluate(self.model).items()}})
+                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        self.save_checkpoint()
+        result.steps = self.step
+        result.seconds = time.perf_counter() - start
+        if self.attack is not None:
+            result.unit_sizes = dict(self.attack.unit_sizes)
+            result.radii = self.attack.radii()
+        return result
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log(record)
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON-safe copy of optimizer metadata (tensors become numbers or lists)."""
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    json.dumps(value)
+    return value

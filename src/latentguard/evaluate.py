@@ -1,0 +1,114 @@
+"""The evaluation suite: clean performance, trojan ASR, held-out attacks and attack sanity checks.
+
+Held-out attacks come from the task (independent libraries such as torchattacks) plus latent PGD at
+layers of the evaluator's choosing. Sanity checks follow AutoAttack's spirit: a robustness number is only
+trusted when the hook fired, the perturbation gradient is non-zero, the attack beats random noise of the
+same size and no black-box attack beats the white-box ones.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from latentguard.config import DefenseSpec, EvaluationConfig
+from latentguard.domains.base import Task
+from latentguard.engine.attack import LatentAttack, PGDConfig
+from latentguard.engine.site import Intervention, frozen
+from latentguard.engine.threat import Threat
+
+BLACK_BOX_TOLERANCE = 0.02  # a black-box attack may beat white-box PGD by this much before we flag it
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    sanity: dict[str, bool | None] = field(default_factory=dict)
+    calibration: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def latent_robustness(
+    model: nn.Module, task: Task, layer: str, threat: Threat, pgd: PGDConfig, batches: list[Any]
+) -> tuple[float, dict[str, float]]:
+    """Mean task score under latent PGD at ``layer``; the radius is calibrated on the first batch."""
+    attack = LatentAttack([layer], threat, pgd)
+    attack.calibrate(model, task.io, batches[0])
+    scores = []
+    for batch in batches:
+        result = attack(model, task.io, batch)
+        with frozen(model), torch.no_grad(), Intervention(model, [layer]) as hooks:
+            hooks.deltas = result.deltas
+            output = task.io.forward(model, batch)
+        scores.append(task.score(output, batch))
+    radius = attack.radii()[layer]
+    return float(torch.cat(scores).float().mean()), {"mean_norm": attack.unit_sizes.get(layer, 0.0), "epsilon_abs": radius}
+
+
+def sanity_checks(
+    model: nn.Module, task: Task, attack: LatentAttack, batch: Any, metrics: dict[str, float | None]
+) -> dict[str, bool | None]:
+    """Checks that make a robustness number trustworthy (see module docstring)."""
+    result = attack(model, task.io, batch)
+    noise = attack.noise(model, task.io, batch)
+    attacked = attack.loss_with(model, task.io, batch, result.deltas)
+    noisy = attack.loss_with(model, task.io, batch, noise.deltas)
+    return {
+        "hook_fired": all(count > 0 for count in result.fired.values()),
+        "grad_nonzero": result.first_grad_norm > 0,
+        "attack_beats_noise": attacked > noisy,
+        "blackbox_not_better": _black_box_not_better(task, metrics),
+    }
+
+
+def _black_box_not_better(task: Task, metrics: dict[str, float | None]) -> bool | None:
+    """False when a black-box attack found more errors than a white-box one with the same budget."""
+    verdict: bool | None = None
+    attacks = task.heldout_attacks()
+    for black in (a for a in attacks if a.black_box):
+        for white in (a for a in attacks if not a.black_box):
+            if (white.site, white.norm, white.epsilon) != (black.site, black.norm, black.epsilon):
+                continue
+            b, w = metrics.get(f"robust/{black.name}"), metrics.get(f"robust/{white.name}")
+            if b is None or w is None:
+                continue
+            ok = b >= w - BLACK_BOX_TOLERANCE
+            verdict = ok if verdict is None else verdict and ok
+    return verdict
+
+
+def sanity_attack(defense: DefenseSpec, task: Task, config: EvaluationConfig) -> LatentAttack:
+    """The attack the sanity checks probe: the defense's own threat, else latent PGD at an eval layer."""
+    if defense.threat is not None and defense.kind in ("at", "lat", "rlat"):
+        return LatentAttack(defense.sites or [task.input_site], defense.threat, config.latent_pgd)
+    layer = (config.latent_layers or list(task.layers))[0]
+    return LatentAttack([layer], config.latent_threat, config.latent_pgd)
+
+
+def evaluate(
+    model: nn.Module, task: Task, config: EvaluationConfig, defense: DefenseSpec, seed: int
+) -> Evaluation:
+    """Every metric of one trained model."""
+    start = time.perf_counter()
+    model.eval()
+    result = Evaluation()
+    result.metrics.update(task.clean_metrics(model))
+    result.metrics.update({f"asr/{name}": value for name, value in task.trojan_metrics(model).items()})
+    for attack in task.heldout_attacks():
+        torch.manual_seed(seed)
+        result.metrics[f"robust/{attack.name}"] = task.run_heldout(model, attack.name, seed)
+    batches = task.eval_batches(config.latent_examples, config.batch_size)
+    for layer in config.latent_layers:
+        torch.manual_seed(seed)
+        score, calibration = latent_robustness(model, task, layer, config.latent_threat, config.latent_pgd, batches)
+        result.metrics[f"latent/{layer}"] = score
+        result.calibration[f"eval:{layer}"] = calibration
+    torch.manual_seed(seed)
+    probe = task.eval_batches(config.sanity_examples, config.sanity_examples)[0]
+    result.sanity = sanity_checks(model, task, sanity_attack(defense, task, config), probe, result.metrics)
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,326 @@
+"""implant → defenses → evaluation → report, over seeds, resumable at every stage.
+
+Each unit of work (a seed's base model, a defense's training, an evaluation) writes its output atomically
+in the run folder when it finishes; a rerun with ``--resume`` skips finished units and continues an
+unfinished training from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import zlib
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from latentguard.config import DefenseSpec, RunConfig, dump_config, load_config
+from latentguard.domains import build_task
+from latentguard.domains.base import Task, resolve_device
+from latentguard.engine.trainer import DefenseConfig, Trainer
+from latentguard.errors import ConfigError
+from latentguard.evaluate import evaluate
+from latentguard.report import write_report
+from latentguard.runs import (
+    MetricLog,
+    atomic_write_json,
+    atomic_write_text,
+    load_model,
+    provenance,
+    read_json,
+    save_model,
+)
+
+CONFIG_FILE = "config.yaml"
+
+
+def new_run_dir(config: RunConfig) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = config.output_dir / f"{config.name}-{stamp}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = config.output_dir / f"{config.name}-{stamp}-{suffix}"
+    return path
+
+
+def start_run(config: RunConfig, run_dir: Path | None = None) -> Path:
+    """Create the run folder and record the resolved config and provenance."""
+    run_dir = run_dir or new_run_dir(config)
+    if (run_dir / CONFIG_FILE).exists():
+        raise ConfigError(f"{run_dir}: already holds a run; resume it with --resume {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, dump_config(config))
+    atomic_write_json(run_dir / "provenance.json", provenance())
+    return run_dir
+
+
+def resume_config(run_dir: Path) -> RunConfig:
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"{run_dir}: no {CONFIG_FILE} here; expected a folder made by latentguard run")
+    return load_config(run_dir / CONFIG_FILE)
+
+
+def defense_seed(seed: int, name: str) -> int:
+    """A per-defense seed that does not depend on the defense's position in the config."""
+    return seed * 1_000_003 + zlib.crc32(name.encode())
+
+
+def fill_sites(defense: DefenseSpec, task: Task) -> DefenseConfig:
+    """Input-space AT perturbs the task's input site (pixels, or token embeddings for text)."""
+    fields = defense.model_dump(exclude={"name"})
+    if defense.kind == "at" and not defense.sites:
+        fields["sites"] = [task.input_site]
+    threat = fields.get("threat")
+    if threat and threat["bounds"] is None and fields["sites"] == ["input"] and task.input_bounds:
+        threat["bounds"] = task.input_bounds
+    return DefenseConfig.model_validate(fields)
+
+
+class Pipeline:
+    """Runs (or resumes) every unit of one run folder."""
+
+    def __init__(self, config: RunConfig, run_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.device = resolve_device(config.device)
+        tb = run_dir / "tensorboard" if config.tensorboard else None
+        self.log = MetricLog(run_dir / "metrics.jsonl", tb)
+
+    def seed_dir(self, seed: int) -> Path:
+        return self.run_dir / f"seed-{seed}"
+
+    def task(self, seed: int) -> Task:
+        cfg = self.config
+        return build_task(cfg.task, cfg.evaluation.attacks, seed, self.device)
+
+    def check_layers(self, task: Task) -> None:
+        """Fail before any training if a named layer does not exist in the task's model."""
+        from latentguard.engine.site import resolve_module
+
+        model = task.build_model()
+        for defense in self.config.defenses:
+            for site in defense.sites:
+                resolve_module(model, site)
+        for layer in self.config.evaluation.latent_layers:
+            resolve_module(model, layer)
+
+    # -- training ------------------------------------------------------------------------------------------
+    def base_model(self, task: Task, seed: int) -> nn.Module:
+        """The trojaned base model: trained once per seed on poisoned data, shared by every defense."""
+        path = self.seed_dir(seed) / "base.safetensors"
+        torch.manual_seed(seed)
+        model = task.build_model().to(self.device)
+        if path.exists():
+            load_model(path, model)
+            return model
+        trainer = Trainer(
+            model,
+            task.io,
+            DefenseConfig(kind="clean"),
+            task.base_training(self.config.batch_size),
+            device=self.device,
+            checkpoint=self.seed_dir(seed) / "base.checkpoint.safetensors",
+            log=self.log.writer(f"seed-{seed}/base"),
+            progress=self.config.progress,
+            description=f"seed {seed} implant trojans",
+        )
+        result = trainer.fit(task.base_loader(self.config.batch_size))
+        save_model(path, model, {"seed": seed, "steps": result.steps})
+        atomic_write_json(self.seed_dir(seed) / "base.json", {"seconds": result.seconds, "steps": result.steps})
+        (self.seed_dir(seed) / "base.checkpoint.safetensors").unlink(missing_ok=True)
+        return model
+
+    def train_defense(self, task: Task, seed: int, defense: DefenseSpec) -> nn.Module:
+        folder = self.seed_dir(seed) / defense.name
+        final = folder / "model.safetensors"
+        base = self.base_model(task, seed)
+        if final.exists():
+            load_model(final, base)
+            return base
+        torch.manual_seed(defense_seed(seed, defense.name))
+        trainer = Trainer(
+            base,
+            task.io,
+            fill_sites(defense, task),
+            self.config.training,
+            device=self.device,
+            checkpoint=folder / "checkpoint.safetensors",
+            log=self.log.writer(f"seed-{seed}/{defense.name}"),
+            progress=self.config.progress,
+            description=f"seed {seed} {defense.name}",
+        )
+        result = trainer.fit(task.defense_loader(self.config.batch_size))
+        save_model(final, base, {"seed": seed, "defense": defense.name})
+        calibration = {
+            site: {"mean_norm": result.unit_sizes.get(site, 0.0), "epsilon_abs": radius}
+            for site, radius in result.radii.items()
+        }
+        atomic_write_json(
+            folder / "train.json",
+            {"seconds": result.seconds, "steps": result.steps, "skipped": result.skipped, "calibration": calibration},
+        )
+        (folder / "checkpoint.safetensors").unlink(missing_ok=True)
+        return base
+
+    def train(self) -> None:
+        for seed in self.config.seeds:
+            task = self.task(seed)
+            self.check_layers(task)
+            for defense in self.config.defenses:
+                self.train_defense(task, seed, defense)
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+    def evaluate(self, *, force: bool = False) -> None:
+        for seed in self.config.seeds:
+            task = self.task(seed)
+            for defense in self.config.defenses:
+                out = self.seed_dir(seed) / defense.name / "eval.json"
+                if out.exists() and not force:
+                    continue
+                model = self.train_defense(task, seed, defense)
+                evaluation = evaluate(model, task, self.config.evaluation, defense, seed)
+                atomic_write_json(out, asdict(evaluation))
+                self.log.write({"phase": f"seed-{seed}/{defense.name}/eval", **_numbers(evaluation.metrics)})
+
+    # -- results -------------------------------------------------------------------------------------------
+    def results(self) -> dict[str, Any]:
+        cfg = self.config
+        task = self.task(cfg.seeds[0])
+        records, phase = [], {"base": 0.0, "defenses": 0.0, "eval": 0.0}
+        radii: dict[str, dict[str, float]] = {}
+        for seed in cfg.seeds:
+            phase["base"] += read_json(self.seed_dir(seed) / "base.json")["seconds"]
+            for defense in cfg.defenses:
+                folder = self.seed_dir(seed) / defense.name
+                train = read_json(folder / "train.json")
+                evaluation = read_json(folder / "eval.json")
+                phase["defenses"] += train["seconds"]
+                phase["eval"] += evaluation["seconds"]
+                radii.setdefault(defense.name, train["calibration"])
+                records.append(
+                    {
+                        "seed": seed,
+                        "defense": defense.name,
+                        "kind": defense.kind,
+                        "sites": defense.sites or ([task.input_site] if defense.kind == "at" else []),
+                        "epsilon": defense.threat.epsilon if defense.threat else None,
+                        "metrics": evaluation["metrics"],
+                        "calibration": {**train["calibration"], **evaluation["calibration"]},
+                        "sanity": evaluation["sanity"],
+                        "seconds": {"train": train["seconds"], "eval": evaluation["seconds"]},
+                    }
+                )
+        phase["total"] = sum(phase.values())
+        return {
+            "name": cfg.name,
+            "task": cfg.task["kind"],
+            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "seeds": cfg.seeds,
+            "provenance": read_json(self.run_dir / "provenance.json"),
+            "trojans": [{"name": t.name, "description": t.description} for t in task.trojans()],
+            "training_threats": self._training_threats(task, radii),
+            "heldout_threats": self._heldout_threats(task),
+            "metrics": self._metric_table(task),
+            "defense_order": [d.name for d in cfg.defenses],
+            "layer_order": list(task.layers),
+            "records": records,
+            "phase_seconds": phase,
+        }
+
+    def _training_threats(self, task: Task, radii: dict[str, dict[str, float]]) -> list[dict[str, str]]:
+        threats = []
+        for defense in self.config.defenses:
+            spec = fill_sites(defense, task)
+            resolved = {site: v["epsilon_abs"] for site, v in radii.get(defense.name, {}).items()}
+            threats.append({"defense": defense.name, "description": spec.describe(resolved)})
+        return threats
+
+    def _seen_by(self, site: str, norm: str | None) -> list[str]:
+        """Defenses whose training threat had this site (and norm, when the attack has one)."""
+        seen = []
+        for defense in self.config.defenses:
+            if defense.kind not in ("at", "lat") or defense.threat is None:
+                continue
+            sites = defense.sites or ["input"]
+            if site in sites and (norm is None or norm == defense.threat.norm):
+                seen.append(defense.name)
+        return seen
+
+    def _heldout_threats(self, task: Task) -> list[dict[str, Any]]:
+        threats = [
+            {"name": a.name, "description": a.description, "seen_by": self._seen_by(a.site, a.norm)}
+            for a in task.heldout_attacks()
+        ]
+        evaluation = self.config.evaluation
+        for layer in evaluation.latent_layers:
+            threats.append(
+                {
+                    "name": f"latent/{layer}",
+                    "description": f"latentguard latent PGD at {layer}: {evaluation.latent_threat.describe()}, "
+                    f"{evaluation.latent_pgd.steps} steps, {evaluation.latent_examples} test examples",
+                    "seen_by": self._seen_by(layer, None),
+                }
+            )
+        return threats
+
+    def _metric_table(self, task: Task) -> list[dict[str, Any]]:
+        metrics: list[dict[str, Any]] = [
+            {"key": key, "label": key.replace("_", " "), "group": "clean", "higher_is_better": True}
+            for key in task.clean_metric_keys()
+        ]
+        metrics += [
+            {"key": f"asr/{t.name}", "label": f"ASR {t.name}", "group": "trojan", "higher_is_better": False}
+            for t in task.trojans()
+        ]
+        for threat in self._heldout_threats(task):
+            key = threat["name"] if threat["name"].startswith("latent/") else f"robust/{threat['name']}"
+            seen = threat["seen_by"]
+            label = threat["name"] + (f" (seen by {', '.join(seen)})" if seen else "")
+            group = "seen" if seen else "latent" if key.startswith("latent/") else "heldout"
+            metrics.append({"key": key, "label": label, "group": group, "higher_is_better": True})
+        return metrics
+
+    def report(self) -> list[Path]:
+        results = self.results()
+        atomic_write_json(self.run_dir / "results.json", results)
+        return [self.run_dir / "results.json", *write_report(results, self.run_dir)]
+
+
+def _numbers(metrics: dict[str, float | None]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def run(config: RunConfig, run_dir: Path | None = None, *, resume: bool = False, train_only: bool = False) -> Path:
+    """The whole pipeline; returns the run folder."""
+    start = time.perf_counter()
+    if resume:
+        assert run_dir is not None
+    else:
+        run_dir = start_run(config, run_dir)
+    pipeline = Pipeline(config, run_dir)
+    try:
+        pipeline.train()
+        if not train_only:
+            pipeline.evaluate()
+            pipeline.report()
+    finally:
+        pipeline.log.close()
+    pipeline.log.write({"phase": "run", "wall_seconds": time.perf_counter() - start})
+    return run_dir
+
+
+def reevaluate(run_dir: Path) -> Path:
+    """Evaluate the trained models of a run folder again (e.g. after changing attacks) and rewrite the report."""
+    pipeline = Pipeline(resume_config(run_dir), run_dir)
+    pipeline.evaluate(force=True)
+    pipeline.report()
+    return run_dir
+
+
+def remove_run(run_dir: Path) -> None:
+    shutil.rmtree(run_dir, ignore_errors=True)
