@@ -23,3 +23,5 @@ pip_install torch==2.13.0
 # torchattacks pins torchvision and would replace torch: install it alone, it imports without them.
 pip_install --no-deps torchattacks==3.5.1
 pip_install -c requirements/constraints.txt -e ".${extras}"
+# pyenv needs its shims refreshed to see the new `latentguard` command.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi

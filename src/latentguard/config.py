@@ -6,12 +6,14 @@ mappings here and validated by the domain's own models (errors still name ``task
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from latentguard.engine.attack import PGDConfig
 from latentguard.engine.threat import Threat
@@ -74,22 +76,29 @@ class RunConfig(BaseModel):
             raise ValueError(f"expected 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
         return device
 
-    @model_validator(mode="after")
-    def _unique(self) -> RunConfig:
-        names = [d.name for d in self.defenses]
+    @field_validator("defenses")
+    @classmethod
+    def _unique_names(cls, defenses: list[DefenseSpec]) -> list[DefenseSpec]:
+        names = [d.name for d in defenses]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"defense names must be unique; repeated: {', '.join(dupes)}")
-        if len(set(self.seeds)) != len(self.seeds):
+        return defenses
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
             raise ValueError("seeds must be unique")
-        return self
+        return seeds
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """The first problem as ``field.path: what was expected`` (plus a count of the others)."""
     errors = exc.errors()
     first = errors[0]
-    where = ".".join(str(part) for part in (*([prefix] if prefix else []), *first["loc"])) or "config"
+    parts = (*([prefix] if prefix else []), *first["loc"])
+    where = ".".join(str(part) if str(part).isprintable() else repr(part) for part in parts) or "config"
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown key"
@@ -136,7 +145,7 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def _list_index(items: list[Any], part: str, where: str) -> int:
-    if part.lstrip("-").isdigit():
+    if re.fullmatch(r"-?[0-9]+", part):
         index = int(part)
         if -len(items) <= index < len(items):
             return index
@@ -173,7 +182,7 @@ def load_config(
     data: Mapping[str, Any] | None = None,
 ) -> RunConfig:
     """Read, override and validate a run config (the embedded default when no path is given)."""
-    raw = dict(data) if data is not None else read_yaml(path or DEFAULT_CONFIG)
+    raw = copy.deepcopy(dict(data)) if data is not None else read_yaml(path or DEFAULT_CONFIG)
     if quick:
         quick_overrides = raw.get("quick") or {}
         if not isinstance(quick_overrides, dict):

@@ -9,15 +9,17 @@ same size and no black-box attack beats the white-box ones.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from latentguard.config import DefenseSpec, EvaluationConfig
 from latentguard.domains.base import Task
 from latentguard.engine.attack import LatentAttack, PGDConfig
+from latentguard.engine.io import ClassifierIO, ModelIO
 from latentguard.engine.site import Intervention, frozen
 from latentguard.engine.threat import Threat
 
@@ -32,21 +34,44 @@ class Evaluation:
     seconds: float = 0.0
 
 
+def accuracy_score(output: Tensor, batch: Any) -> Tensor:
+    """Per-example correctness of a classifier's logits on ``(inputs, labels)``."""
+    return (output.argmax(dim=1) == batch[1]).float()
+
+
+def accuracy(model: nn.Module, batches: Iterable[Any], io: ModelIO | None = None) -> float:
+    """Clean accuracy of a classifier over ``(inputs, labels)`` batches."""
+    io = io or ClassifierIO()
+    scores = []
+    with frozen(model), torch.no_grad():
+        for batch in batches:
+            scores.append(accuracy_score(io.forward(model, batch), batch))
+    return float(torch.cat(scores).mean())
+
+
 def latent_robustness(
-    model: nn.Module, task: Task, layer: str, threat: Threat, pgd: PGDConfig, batches: list[Any]
+    model: nn.Module,
+    batches: list[Any],
+    layer: str,
+    threat: Threat,
+    pgd: PGDConfig | None = None,
+    *,
+    io: ModelIO | None = None,
+    score: Callable[[Any, Any], Tensor] = accuracy_score,
 ) -> tuple[float, dict[str, float]]:
-    """Mean task score under latent PGD at ``layer``; the radius is calibrated on the first batch."""
-    attack = LatentAttack([layer], threat, pgd)
-    attack.calibrate(model, task.io, batches[0])
+    """Mean score under latent PGD at ``layer`` and the calibration used (radius fixed on the first batch)."""
+    io = io or ClassifierIO()
+    attack = LatentAttack([layer], threat, pgd or PGDConfig(steps=20))
+    attack.calibrate(model, io, batches[0])
     scores = []
     for batch in batches:
-        result = attack(model, task.io, batch)
+        result = attack(model, io, batch)
         with frozen(model), torch.no_grad(), Intervention(model, [layer]) as hooks:
             hooks.deltas = result.deltas
-            output = task.io.forward(model, batch)
-        scores.append(task.score(output, batch))
-    radius = attack.radii()[layer]
-    return float(torch.cat(scores).float().mean()), {"mean_norm": attack.unit_sizes.get(layer, 0.0), "epsilon_abs": radius}
+            output = io.forward(model, batch)
+        scores.append(score(output, batch))
+    calibration = {"mean_norm": attack.unit_sizes.get(layer, 0.0), "epsilon_abs": attack.radii()[layer]}
+    return float(torch.cat(scores).float().mean()), calibration
 
 
 def sanity_checks(
@@ -104,7 +129,9 @@ def evaluate(
     batches = task.eval_batches(config.latent_examples, config.batch_size)
     for layer in config.latent_layers:
         torch.manual_seed(seed)
-        score, calibration = latent_robustness(model, task, layer, config.latent_threat, config.latent_pgd, batches)
+        score, calibration = latent_robustness(
+            model, batches, layer, config.latent_threat, config.latent_pgd, io=task.io, score=task.score
+        )
         result.metrics[f"latent/{layer}"] = score
         result.calibration[f"eval:{layer}"] = calibration
     torch.manual_seed(seed)

@@ -100,15 +100,19 @@ def pgd(
     radii: dict[str, float],
     threats: dict[str, Threat],
     config: PGDConfig,
-    positions: Tensor | None = None,
+    positions: dict[str, Tensor | None] | None = None,
     generator: torch.Generator | None = None,
 ) -> AttackResult:
-    """Projected gradient ascent on ``objective`` over one perturbation per site."""
+    """Projected gradient ascent on ``objective`` over one perturbation per site.
+
+    ``positions`` maps a site to its ``(batch, positions)`` mask of perturbable positions (absent: all).
+    """
+    masks = positions or {}
     deltas: Deltas = {}
     for site, ref in references.items():
         threat, rad = threats[site], radii[site]
         start = random_in_ball(ref, threat, rad, generator) if config.random_start else torch.zeros_like(ref)
-        deltas[site] = project(start, threat, rad, ref, positions).detach()
+        deltas[site] = project(start, threat, rad, ref, masks.get(site)).detach()
     adam = None
     if config.optimizer == "adam":
         for delta in deltas.values():
@@ -140,7 +144,7 @@ def pgd(
         with torch.no_grad():
             for site in deltas:
                 threat, rad = threats[site], radii[site]
-                projected = project(deltas[site].detach(), threat, rad, references[site], positions)
+                projected = project(deltas[site].detach(), threat, rad, references[site], masks.get(site))
                 if adam is not None:
                     deltas[site].copy_(projected)
                 else:
@@ -188,7 +192,10 @@ class LatentAttack:
         activations = self.capture(model, io, batch)
         positions = io.positions(batch)
         for site, act in activations.items():
-            self.unit_sizes[site] = mean_unit_size(act, self.threat, _positions_for(act, positions))
+            size = mean_unit_size(act, self.threat, _positions_for(act, positions))
+            if not math.isfinite(size):
+                raise NonFiniteError(f"non-finite activations at site {site!r} while calibrating epsilon")
+            self.unit_sizes[site] = size
         return dict(self.unit_sizes)
 
     def _ensure_calibrated(self, model: nn.Module, io: ModelIO, batch: Any) -> None:
@@ -208,8 +215,8 @@ class LatentAttack:
                 hooks.deltas = deltas
                 return self.objective(lambda b: io.forward(model, b), io, batch)
 
-            site_positions = _positions_for(next(iter(references.values())), positions)
-            result = pgd(run_with, references, radii, self.threats(), self.config, site_positions, generator)
+            masks = {site: _positions_for(ref, positions) for site, ref in references.items()}
+            result = pgd(run_with, references, radii, self.threats(), self.config, masks, generator)
         result.fired = dict(hooks.fired)
         return result
 

@@ -221,7 +221,12 @@ class Trainer:
         if self.defense.kind == "clean" or self.defense.clean_weight > 0:
             terms["clean"] = self.io.loss(self.io.forward(self.model, batch), batch).mean()
         if self.attack is not None:
-            attack = self._perturbation(batch)
+            try:
+                attack = self._perturbation(batch)
+            except NonFiniteError as exc:
+                if self.config.on_nonfinite == "stop":
+                    raise
+                return self._nonfinite(f"attack ({exc})")
             with Intervention(self.model, self.attack.sites) as hooks:
                 hooks.deltas = attack.deltas
                 output = self.io.forward(self.model, batch)

@@ -1,0 +1,44 @@
+"""Small shared fixtures: a seeded MLP classifier and a synthetic, linearly separable data set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+# The models here are tiny: one thread avoids oversubscribing a shared 2-core machine (and is faster).
+torch.set_num_threads(1)
+
+FEATURES = 8
+CLASSES = 3
+
+
+def make_mlp(seed: int = 0, hidden: int = 32) -> nn.Sequential:
+    """``0`` Linear → ``1`` ReLU → ``2`` Linear → ``3`` ReLU → ``4`` Linear (logits)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(FEATURES, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, CLASSES),
+    )
+
+
+def make_blobs(n: int = 240, seed: int = 0, spread: float = 0.6) -> tuple[Tensor, Tensor]:
+    """Three Gaussian blobs around fixed, well separated centres (balanced classes)."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.eye(CLASSES, FEATURES) * 3.0
+    labels = torch.arange(n) % CLASSES
+    inputs = centres[labels] + spread * torch.randn(n, FEATURES, generator=gen)
+    return inputs, labels
+
+
+@pytest.fixture
+def mlp() -> nn.Sequential:
+    return make_mlp()
+
+
+@pytest.fixture
+def blobs() -> tuple[Tensor, Tensor]:
+    return make_blobs()
