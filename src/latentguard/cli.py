@@ -91,6 +91,8 @@ def _command(args: argparse.Namespace) -> int:
             if args.config is not None or args.overrides or args.quick:
                 raise UserError("--resume takes its config from the run folder; drop CONFIG, --set and --quick")
             config = pipeline.resume_config(args.resume)
+            if args.no_progress:
+                config = config.model_copy(update={"progress": False})
             run_dir = pipeline.run(config, args.resume, resume=True, train_only=args.command == "train")
         else:
             config = load_config(args.config, [*args.overrides, *_progress(args)], quick=args.quick)

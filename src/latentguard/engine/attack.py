@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from latentguard.engine.io import ModelIO
 from latentguard.engine.site import Intervention, frozen
+from latentguard.engine.split import PrefixCache
 from latentguard.engine.threat import (
     Threat,
     ascent_direction,
@@ -44,6 +46,7 @@ class PGDConfig(BaseModel):
     random_start: bool = True
     optimizer: Literal["pgd", "adam"] = "pgd"
     model_mode: Literal["eval", "train"] = Field("eval", description="model mode during the attack")
+    reuse_prefix: bool = Field(True, description="compute the layers before the site once, not every step")
 
 
 class Objective(Protocol):
@@ -57,6 +60,17 @@ def untargeted(run: Run, io: ModelIO, batch: Any) -> Tensor:
     return io.loss(run(batch), batch).mean()
 
 
+untargeted.same_inputs = True  # type: ignore[attr-defined]
+
+
+def reruns_same_inputs(objective: Objective) -> bool:
+    """Whether an objective only runs the model on the attacked batch's inputs (so a prefix cache is valid).
+
+    Objectives that run other inputs (e.g. other completions) must not set ``same_inputs``.
+    """
+    return bool(getattr(objective, "same_inputs", False))
+
+
 @dataclass(frozen=True)
 class Targeted:
     """Pull the model toward ``target`` labels, optionally pushing it away from the true ones.
@@ -67,6 +81,7 @@ class Targeted:
 
     target: int | Callable[[Any], Tensor]
     away_weight: float = 0.0
+    same_inputs: bool = True
 
     def __call__(self, run: Run, io: ModelIO, batch: Any) -> Tensor:
         output = run(batch)
@@ -179,13 +194,22 @@ class LatentAttack:
     def radii(self) -> dict[str, float]:
         return {site: radius(self.threat, self.unit_sizes.get(site)) for site in self.sites}
 
-    def capture(self, model: nn.Module, io: ModelIO, batch: Any) -> Deltas:
-        """The clean activations at every site (weights frozen, no graph kept)."""
+    def capture(self, model: nn.Module, io: ModelIO, batch: Any, cache: PrefixCache | None = None) -> Deltas:
+        """The clean activations at every site (weights frozen, no graph kept); fills ``cache`` if given."""
         with frozen(model, train=self.config.model_mode == "train"), torch.no_grad():
             with Intervention(model, self.sites, capture=True) as hooks:
-                io.forward(model, batch)
+                if cache is None:
+                    io.forward(model, batch)
+                else:
+                    cache.record(lambda: io.forward(model, batch))
             hooks.check_fired()
         return hooks.activations
+
+    def prefix_cache(self, model: nn.Module) -> PrefixCache | None:
+        """A prefix cache when it is valid and wanted, else ``None`` (full forward every step)."""
+        if not self.config.reuse_prefix or not reruns_same_inputs(self.objective):
+            return None
+        return PrefixCache(model, self.sites)
 
     def calibrate(self, model: nn.Module, io: ModelIO, batch: Any) -> dict[str, float]:
         """Measure the mean unit size at each site on ``batch`` (once per run)."""
@@ -206,10 +230,15 @@ class LatentAttack:
         self, model: nn.Module, io: ModelIO, batch: Any, generator: torch.Generator | None = None
     ) -> AttackResult:
         self._ensure_calibrated(model, io, batch)
-        references = self.capture(model, io, batch)
+        cache = self.prefix_cache(model)
+        references = self.capture(model, io, batch, cache)
         positions = io.positions(batch)
         radii = self.radii()
-        with frozen(model, train=self.config.model_mode == "train"), Intervention(model, self.sites) as hooks:
+        with (
+            frozen(model, train=self.config.model_mode == "train"),
+            Intervention(model, self.sites) as hooks,
+            cache.active() if cache is not None else nullcontext(),
+        ):
 
             def run_with(deltas: Deltas) -> Tensor:
                 hooks.deltas = deltas
