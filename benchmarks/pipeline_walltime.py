@@ -22,7 +22,9 @@ from latentguard.pipeline import run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("config", nargs="?", type=Path)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, help="run folder (default: a temporary one)")
@@ -35,7 +37,9 @@ def main() -> None:
     results = json.loads((run_dir / "results.json").read_text())
     phases = results["phase_seconds"]
     print(f"config: {args.config or 'embedded default'}{' --quick' if args.quick else ''}")
-    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"{'phase':<22}{'seconds':>10}{'share':>8}")
     for name in ("base", "defenses", "eval"):
         print(f"{name:<22}{phases[name]:>10.1f}{phases[name] / wall:>8.1%}")
@@ -43,7 +47,9 @@ def main() -> None:
     print("per defense (train s / eval s):")
     for record in results["records"]:
         seconds = record["seconds"]
-        print(f"  seed {record['seed']} {record['defense']:<12}{seconds['train']:>8.1f}{seconds['eval']:>8.1f}")
+        print(
+            f"  seed {record['seed']} {record['defense']:<12}{seconds['train']:>8.1f}{seconds['eval']:>8.1f}"
+        )
     print(f"run folder: {run_dir}")
 
 

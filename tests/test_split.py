@@ -58,6 +58,7 @@ def tiny_cnn() -> tuple[nn.Module, Any, Any]:
 
 def tiny_bert() -> tuple[nn.Module, Any, Any]:
     import transformers
+
     config = transformers.BertConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=32, num_labels=3,
@@ -72,6 +73,7 @@ def tiny_bert() -> tuple[nn.Module, Any, Any]:
 
 def tiny_llama() -> tuple[nn.Module, Any, Any]:
     import transformers
+
     config = transformers.LlamaConfig(
         vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
         intermediate_size=32, max_position_embeddings=64,
@@ -107,7 +109,9 @@ def test_split_and_hook_paths_agree(case: str, scope: str) -> None:
         torch.manual_seed(1)
         results[reuse] = attack(model, io, batch)
     for site in sites:
-        torch.testing.assert_close(results[True].deltas[site], results[False].deltas[site], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            results[True].deltas[site], results[False].deltas[site], rtol=1e-4, atol=1e-5
+        )
     assert results[True].losses == pytest.approx(results[False].losses, rel=1e-4, abs=1e-6)
 
 
@@ -134,7 +138,7 @@ def test_input_site_has_no_prefix() -> None:
 
 
 def test_objectives_that_run_other_inputs_disable_the_cache() -> None:
-    model, io, batch = tiny_cnn()
+    model, _, _ = tiny_cnn()
 
     def other_inputs(run: Any, io: Any, batch: Any) -> Tensor:
         return io.loss(run((batch[0].flip(0), batch[1])), batch).mean()

@@ -28,7 +28,9 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set training.steps=100 --set defenses.lat.sites=[block1]",
     )
-    parser.add_argument("--quick", action="store_true", help="tiny subset, few steps: checks an install in minutes")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny subset, few steps: checks an install in minutes"
+    )
     parser.add_argument("--out", type=Path, help="run folder to create (default: OUTPUT_DIR/NAME-TIMESTAMP)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -56,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="rewrite report.md and plots from a run's results.json")
     report.add_argument("run_dir", type=Path)
 
-    sweep = commands.add_parser("sweep", help="LAT over layers × epsilons × seeds, next to the config's baselines")
+    sweep = commands.add_parser(
+        "sweep", help="LAT over layers × epsilons × seeds, next to the config's baselines"
+    )
     _config_args(sweep)
     sweep.add_argument("--layers", help="comma-separated layer names (default: the task's named stages)")
     sweep.add_argument("--epsilons", help="comma-separated LAT epsilons (default: the config's)")
@@ -79,7 +83,9 @@ def _csv(text: str | None, kind: type, flag: str) -> list:
     try:
         return [kind(part.strip()) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise UserError(f"{flag}: expected a comma-separated list of {kind.__name__} values, got {text!r}") from None
+        raise UserError(
+            f"{flag}: expected a comma-separated list of {kind.__name__} values, got {text!r}"
+        ) from None
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -89,7 +95,9 @@ def _command(args: argparse.Namespace) -> int:
     if args.command in ("run", "train"):
         if args.resume is not None:
             if args.config is not None or args.overrides or args.quick:
-                raise UserError("--resume takes its config from the run folder; drop CONFIG, --set and --quick")
+                raise UserError(
+                    "--resume takes its config from the run folder; drop CONFIG, --set and --quick"
+                )
             config = pipeline.resume_config(args.resume)
             if args.no_progress:
                 config = config.model_copy(update={"progress": False})

@@ -131,7 +131,9 @@ class Pipeline:
         )
         result = trainer.fit(task.base_loader(self.config.batch_size))
         save_model(path, model, {"seed": seed, "steps": result.steps})
-        atomic_write_json(self.seed_dir(seed) / "base.json", {"seconds": result.seconds, "steps": result.steps})
+        atomic_write_json(
+            self.seed_dir(seed) / "base.json", {"seconds": result.seconds, "steps": result.steps}
+        )
         (self.seed_dir(seed) / "base.checkpoint.safetensors").unlink(missing_ok=True)
         return model
 
@@ -162,7 +164,12 @@ class Pipeline:
         }
         atomic_write_json(
             folder / "train.json",
-            {"seconds": result.seconds, "steps": result.steps, "skipped": result.skipped, "calibration": calibration},
+            {
+                "seconds": result.seconds,
+                "steps": result.steps,
+                "skipped": result.skipped,
+                "calibration": calibration,
+            },
         )
         (folder / "checkpoint.safetensors").unlink(missing_ok=True)
         return base
@@ -261,8 +268,9 @@ class Pipeline:
             threats.append(
                 {
                     "name": f"latent/{layer}",
-                    "description": f"latentguard latent PGD at {layer}: {evaluation.latent_threat.describe()}, "
-                    f"{evaluation.latent_pgd.steps} steps, {evaluation.latent_examples} test examples",
+                    "description": f"latentguard latent PGD at {layer}: "
+                    f"{evaluation.latent_threat.describe()}, {evaluation.latent_pgd.steps} steps, "
+                    f"{evaluation.latent_examples} test examples",
                     "seen_by": self._seen_by(layer, None),
                 }
             )
@@ -295,7 +303,9 @@ def _numbers(metrics: dict[str, float | None]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def run(config: RunConfig, run_dir: Path | None = None, *, resume: bool = False, train_only: bool = False) -> Path:
+def run(
+    config: RunConfig, run_dir: Path | None = None, *, resume: bool = False, train_only: bool = False
+) -> Path:
     """The whole pipeline; returns the run folder."""
     start = time.perf_counter()
     if resume:
@@ -315,7 +325,7 @@ def run(config: RunConfig, run_dir: Path | None = None, *, resume: bool = False,
 
 
 def reevaluate(run_dir: Path) -> Path:
-    """Evaluate the trained models of a run folder again (e.g. after changing attacks) and rewrite the report."""
+    """Evaluate a run folder's trained models again and rewrite its report."""
     pipeline = Pipeline(resume_config(run_dir), run_dir)
     pipeline.evaluate(force=True)
     pipeline.report()

@@ -26,7 +26,13 @@ BY_LAYER_FILE = "metric_by_layer.png"
 
 # Column order of the main table; groups not listed here follow, in order of appearance.
 GROUP_ORDER = ("clean", "trojan", "heldout", "latent", "seen")
-GROUP_TITLES = {"clean": "Clean", "trojan": "Trojan ASR", "heldout": "Held-out", "latent": "Held-out latent", "seen": "Seen in training"}
+GROUP_TITLES = {
+    "clean": "Clean",
+    "trojan": "Trojan ASR",
+    "heldout": "Held-out",
+    "latent": "Held-out latent",
+    "seen": "Seen in training",
+}
 LAYER_KINDS = ("lat", "rlat")
 
 _KIND_STYLE: dict[str, tuple[str, str]] = {

@@ -20,7 +20,15 @@ from safetensors.torch import load_file, save_file
 
 from latentguard.errors import CheckpointError
 
-TRACKED_PACKAGES = ("torch", "numpy", "pydantic", "safetensors", "torchattacks", "transformers", "latentguard")
+TRACKED_PACKAGES = (
+    "torch",
+    "numpy",
+    "pydantic",
+    "safetensors",
+    "torchattacks",
+    "transformers",
+    "latentguard",
+)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -81,7 +89,9 @@ def provenance() -> dict[str, Any]:
     return {"git_commit": git_commit(), "versions": versions(), "command": " ".join(sys.argv)}
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
+def save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None
+) -> None:
     """Save tensors as safetensors atomically; ``metadata`` travels as JSON in the file header."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -49,7 +49,9 @@ class Task(Protocol):
     layers: tuple[str, ...]
 
     @classmethod
-    def from_config(cls, section: dict[str, Any], attacks: list[dict[str, Any]], *, seed: int, device: Any) -> Task:
+    def from_config(
+        cls, section: dict[str, Any], attacks: list[dict[str, Any]], *, seed: int, device: Any
+    ) -> Task:
         """Validate the domain's config sections (errors name ``task.…`` / ``evaluation.attacks.…``)."""
         ...
 

@@ -266,10 +266,13 @@ class LatentAttack:
 
     def loss_with(self, model: nn.Module, io: ModelIO, batch: Any, deltas: Deltas) -> float:
         """The objective under given perturbations (no gradients): to compare attacks with noise."""
-        with frozen(model, train=self.config.model_mode == "train"), torch.no_grad():
-            with Intervention(model, self.sites) as hooks:
-                hooks.deltas = deltas
-                return float(self.objective(lambda b: io.forward(model, b), io, batch))
+        with (
+            frozen(model, train=self.config.model_mode == "train"),
+            torch.no_grad(),
+            Intervention(model, self.sites) as hooks,
+        ):
+            hooks.deltas = deltas
+            return float(self.objective(lambda b: io.forward(model, b), io, batch))
 
 
 def _positions_for(activation: Tensor, positions: Tensor | None) -> Tensor | None:

@@ -27,7 +27,7 @@ class ModelIO(Protocol):
         ...
 
     def positions(self, batch: Any) -> Tensor | None:
-        """``(batch, positions)`` bool mask of perturbable positions, or ``None`` when every element may move."""
+        """``(batch, positions)`` bool mask of perturbable positions; ``None``: every element may move."""
         ...
 
     def with_labels(self, batch: Any, labels: Tensor) -> Any:

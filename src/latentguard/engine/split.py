@@ -98,11 +98,14 @@ class PrefixCache:
         for module, end in trace.ends.items():
             if end < first_start and trace.calls[module] == 1 and module in trace.outputs:
                 chosen[module] = trace.outputs[module]
+
         # keep only the outermost: a cached parent never calls its children
         def inside_chosen(module: nn.Module) -> bool:
             name = names[module]
             return any(
-                other is not module and name.startswith(names[other] + ".") for other in chosen if names[other]
+                other is not module and name.startswith(names[other] + ".")
+                for other in chosen
+                if names[other]
             )
 
         return {module: out for module, out in chosen.items() if not inside_chosen(module) and names[module]}

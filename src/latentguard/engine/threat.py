@@ -29,7 +29,9 @@ class Threat(BaseModel):
     epsilon: float = Field(1.0, gt=0, description="radius, absolute or a fraction of the mean unit size")
     epsilon_mode: Literal["absolute", "relative"] = "absolute"
     scope: Literal["example", "token"] = "example"
-    bounds: tuple[float, float] | None = Field(None, description="valid range of activation + delta, e.g. pixels")
+    bounds: tuple[float, float] | None = Field(
+        None, description="valid range of activation + delta, e.g. pixels"
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> Threat:
@@ -76,10 +78,7 @@ def mean_unit_size(activation: Tensor, threat: Threat, positions: Tensor | None 
     mask = _mask_like(activation, positions)
     x = activation if mask is None else activation * mask
     units = _units(x.float(), threat.scope)
-    if threat.norm == "l2":
-        sizes = units.norm(dim=1)
-    else:
-        sizes = units.pow(2).mean(dim=1).sqrt()
+    sizes = units.norm(dim=1) if threat.norm == "l2" else units.pow(2).mean(dim=1).sqrt()
     if mask is not None and threat.scope == "token":
         keep = positions.reshape(-1).bool()
         sizes = sizes[keep]
@@ -96,9 +95,13 @@ def radius(threat: Threat, unit_size: float | None) -> float:
 
 
 def project(
-    delta: Tensor, threat: Threat, rad: float, reference: Tensor | None = None, positions: Tensor | None = None
+    delta: Tensor,
+    threat: Threat,
+    rad: float,
+    reference: Tensor | None = None,
+    positions: Tensor | None = None,
 ) -> Tensor:
-    """The nearest point of the ball (and of ``bounds`` around ``reference``); masked positions set to zero."""
+    """The nearest point of the ball (and of ``bounds`` around ``reference``); masked positions zeroed."""
     mask = _mask_like(delta, positions)
     if mask is not None:
         delta = delta * mask
@@ -114,7 +117,9 @@ def project(
     return delta
 
 
-def random_in_ball(like: Tensor, threat: Threat, rad: float, generator: torch.Generator | None = None) -> Tensor:
+def random_in_ball(
+    like: Tensor, threat: Threat, rad: float, generator: torch.Generator | None = None
+) -> Tensor:
     """A uniform sample from the ball (before bounds/mask projection)."""
     if threat.norm == "linf":
         noise = torch.rand(like.shape, generator=generator, device="cpu", dtype=torch.float32)

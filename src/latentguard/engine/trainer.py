@@ -99,7 +99,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+def build_schedule(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -185,7 +187,9 @@ class Trainer:
             return False
         tensors, meta = load_tensors(self.checkpoint)
         if meta.get("defense") != self.defense.model_dump(mode="json"):
-            raise CheckpointError(f"{self.checkpoint}: written for another defense config; remove it to restart")
+            raise CheckpointError(
+                f"{self.checkpoint}: written for another defense config; remove it to restart"
+            )
         model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             self.model.load_state_dict(model_state)
@@ -295,7 +299,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{stats['loss']:.3f}")
                     self._emit({"step": self.step, **stats})
                 if self.evaluate and self.config.eval_every and self.step % self.config.eval_every == 0:
-                    self._emit({"step": self.step, **{f"eval/{k}": v for k, v in self.evaluate(self.model).items()}})
+                    self._emit(
+                        {"step": self.step, **{f"eval/{k}": v for k, v in self.evaluate(self.model).items()}}
+                    )
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:

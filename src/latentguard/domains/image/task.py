@@ -74,7 +74,9 @@ class ImageTask:
     input_bounds: tuple[float, float] | None = (0.0, 1.0)
     layers: tuple[str, ...] = STAGES
 
-    def __init__(self, config: ImageTaskConfig, attacks: list[ImageAttackSpec], seed: int, device: Any) -> None:
+    def __init__(
+        self, config: ImageTaskConfig, attacks: list[ImageAttackSpec], seed: int, device: Any
+    ) -> None:
         self.config = config
         self.attacks = {spec.name: spec for spec in attacks}
         self.seed = seed
@@ -84,7 +86,11 @@ class ImageTask:
         order = torch.randperm(TRAIN_POOL, generator=torch.Generator().manual_seed(seed))
         base = order[: config.base_train_size]
         defense = order[config.base_train_size : config.base_train_size + config.defense_train_size]
-        poisoned = poison(images[base], labels[base], config.trojans, torch.Generator().manual_seed(seed + 1))
+        generator = torch.Generator().manual_seed(seed + 1)
+        try:
+            poisoned = poison(images[base], labels[base], config.trojans, generator)
+        except ValueError as exc:
+            raise ConfigError(f"task.trojans: {exc}") from None
         self.base_set = TensorDataset(poisoned.images, poisoned.labels)
         self.defense_set = TensorDataset(images[defense], labels[defense])
         test_images, test_labels = _load(config.data_dir, "test")
@@ -96,7 +102,9 @@ class ImageTask:
         cls, section: dict[str, Any], attacks: list[dict[str, Any]], *, seed: int, device: Any
     ) -> ImageTask:
         config = validate_section(ImageTaskConfig, section, "task")
-        specs = [validate_section(ImageAttackSpec, a, f"evaluation.attacks.{i}") for i, a in enumerate(attacks)]
+        specs = [
+            validate_section(ImageAttackSpec, a, f"evaluation.attacks.{i}") for i, a in enumerate(attacks)
+        ]
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ConfigError("evaluation.attacks: attack names must be unique")
@@ -122,7 +130,10 @@ class ImageTask:
     def eval_batches(self, examples: int, batch_size: int) -> list[Any]:
         n = min(examples, len(self.test_labels))
         return [
-            (self.test_images[i : i + batch_size].to(self.device), self.test_labels[i : i + batch_size].to(self.device))
+            (
+                self.test_images[i : i + batch_size].to(self.device),
+                self.test_labels[i : i + batch_size].to(self.device),
+            )
             for i in range(0, n, batch_size)
         ]
 

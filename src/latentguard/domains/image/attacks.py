@@ -1,0 +1,160 @@
+"""Held-out input-space attacks on image classifiers, run through torchattacks.
+
+These attacks judge a defense, so they come from an independent library rather than latentguard's own PGD
+engine: a bug shared by the training adversary and the evaluator could not then hide a weakness. torchattacks
+is imported only when an attack runs, so the rest of the image domain works without it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from latentguard.errors import UserError
+
+_LIBRARY = "torchattacks"
+_INSTALL_HINT = "pip install --no-deps torchattacks==3.5.1"
+_NORM_NAMES = {"linf": "Linf", "l2": "L2"}
+
+
+class ImageAttackSpec(BaseModel):
+    """One held-out attack: which torchattacks attack, its threat (norm, ε in pixel units), its cost."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    kind: Literal["pgd", "autoattack", "square"]
+    norm: Literal["linf", "l2"]
+    epsilon: float = Field(gt=0.0)
+    steps: int = Field(default=20, ge=1, description="PGD iterations (pgd only)")
+    queries: int = Field(default=1000, ge=1, description="model queries per example (square only)")
+    examples: int = Field(default=500, gt=0, description="attack the first N test images: a fixed subset")
+    step_ratio: float = Field(default=2.5, gt=0.0, description="PGD step size = step_ratio * epsilon / steps")
+
+    def describe(self) -> str:
+        """One line naming the library, its version, the attack and its budget."""
+        try:
+            library = f"{_LIBRARY} {metadata.version(_LIBRARY)}"
+        except metadata.PackageNotFoundError:
+            library = f"{_LIBRARY} (not installed)"
+        budget = f"{self.norm}, eps={self.epsilon:g}"
+        if self.kind == "pgd":
+            attack = f"PGD ({budget}, {self.steps} steps)"
+        elif self.kind == "square":
+            attack = f"Square ({budget}, {self.queries} queries)"
+        else:
+            attack = f"AutoAttack standard ({budget})"
+        return f"{library} {attack} on {self.examples} test images"
+
+
+@dataclass
+class AttackOutcome:
+    """Accuracy on one fixed test subset before and under attack, and how long the attack took."""
+
+    robust_accuracy: float
+    clean_accuracy: float
+    examples: int
+    seconds: float
+
+
+def _import_torchattacks() -> Any:
+    try:
+        import torchattacks
+    except ImportError as exc:
+        raise UserError(f"held-out image attacks need torchattacks: {_INSTALL_HINT}") from exc
+    return torchattacks
+
+
+def _build_attack(
+    torchattacks: Any, model: nn.Module, spec: ImageAttackSpec, num_classes: int, seed: int
+) -> Any:
+    """The torchattacks object for ``spec``."""
+    norm = _NORM_NAMES[spec.norm]
+    if spec.kind == "pgd":
+        alpha = spec.step_ratio * spec.epsilon / spec.steps
+        cls = torchattacks.PGD if spec.norm == "linf" else torchattacks.PGDL2
+        return cls(model, eps=spec.epsilon, alpha=alpha, steps=spec.steps, random_start=True)
+    if spec.kind == "square":
+        return torchattacks.Square(model, norm=norm, eps=spec.epsilon, n_queries=spec.queries, seed=seed)
+    return torchattacks.AutoAttack(
+        model, norm=norm, eps=spec.epsilon, version="standard", n_classes=num_classes, seed=seed
+    )
+
+
+def _check_budget(adversarial: Tensor, clean: Tensor, spec: ImageAttackSpec) -> None:
+    """Fail loudly if the library returned images outside the threat model: accuracy would mean nothing."""
+    delta = (adversarial - clean).flatten(1)
+    size = delta.abs().amax(dim=1) if spec.norm == "linf" else delta.norm(dim=1)
+    tolerance = 1e-3 * spec.epsilon + 1e-5
+    if delta.numel() and float(size.max()) > spec.epsilon + tolerance:
+        raise RuntimeError(
+            f"attack {spec.name!r} returned a perturbation of {spec.norm} size {float(size.max()):.4g} "
+            f"> epsilon {spec.epsilon:g}"
+        )
+    if float(adversarial.min()) < -1e-6 or float(adversarial.max()) > 1.0 + 1e-6:
+        raise RuntimeError(f"attack {spec.name!r} returned pixels outside [0, 1]")
+
+
+def run_attack(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    spec: ImageAttackSpec,
+    *,
+    batch_size: int = 250,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> AttackOutcome:
+    """Attack the first ``spec.examples`` test images; robust accuracy counts images right before and after.
+
+    Counting an image as robust only if it was also classified correctly clean (as AutoAttack does) keeps
+    robust accuracy ≤ clean accuracy whatever the attack returns for already-misclassified images. Runs
+    under a forked RNG seeded with ``seed``: reproducible, and the caller's random state is untouched.
+    """
+    torchattacks = _import_torchattacks()
+    device = torch.device(device)
+    count = min(spec.examples, labels.shape[0])
+    if count == 0:
+        raise ValueError(f"attack {spec.name!r}: no test images to attack")
+    subset_images, subset_labels = images[:count], labels[:count]
+    was_training = model.training
+    grad_flags = [p.requires_grad for p in model.parameters()]
+    clean_correct = robust_correct = 0
+    start = time.perf_counter()
+    try:
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)  # only input gradients are needed: skip weight gradients
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            attack = None
+            for first in range(0, count, batch_size):
+                batch = subset_images[first : first + batch_size].to(device)
+                target = subset_labels[first : first + batch_size].to(device)
+                with torch.no_grad():
+                    logits = model(batch)
+                if attack is None:
+                    attack = _build_attack(torchattacks, model, spec, logits.shape[-1], seed)
+                right = logits.argmax(dim=-1) == target
+                adversarial = attack(batch, target).detach()
+                _check_budget(adversarial, batch, spec)
+                with torch.no_grad():
+                    still_right = model(adversarial).argmax(dim=-1) == target
+                clean_correct += int(right.sum())
+                robust_correct += int((right & still_right).sum())
+    finally:
+        for parameter, flag in zip(model.parameters(), grad_flags, strict=True):
+            parameter.requires_grad_(flag)
+        model.train(was_training)
+    return AttackOutcome(
+        robust_accuracy=robust_correct / count,
+        clean_accuracy=clean_correct / count,
+        examples=count,
+        seconds=time.perf_counter() - start,
+    )

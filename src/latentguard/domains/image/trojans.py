@@ -1,0 +1,175 @@
+"""Image trojans: triggers, training-set poisoning and attack success rate (ASR).
+
+Three trigger families of increasing subtlety, so a defense is tested on more than the easy local patch:
+``patch`` (BadNets: a checkerboard stamped in a corner), ``blend`` (a fixed full-image noise pattern mixed in
+at low opacity) and ``sinusoid`` (SIG: a faint global horizontal sinusoid with no local support).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+# Which kind-specific parameters each trigger reads: any other one set explicitly is a config mistake.
+_KIND_PARAMS: dict[str, frozenset[str]] = {
+    "patch": frozenset({"patch_size"}),
+    "blend": frozenset({"alpha", "pattern_seed"}),
+    "sinusoid": frozenset({"amplitude", "frequency"}),
+}
+
+
+class ImageTrojan(BaseModel):
+    """One trojan: a trigger, the label it forces, and the fraction of training examples poisoned with it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["patch", "blend", "sinusoid"]
+    target: int = Field(ge=0, le=9)
+    poison_rate: float = Field(gt=0.0, le=0.2)
+    name: str | None = None
+    patch_size: int = Field(default=4, ge=1)
+    alpha: float = Field(default=0.15, gt=0.0, le=1.0)
+    pattern_seed: int = Field(default=0, ge=0)
+    amplitude: float = Field(default=0.12, gt=0.0, le=1.0)
+    frequency: int = Field(default=6, ge=1)
+
+    @model_validator(mode="after")
+    def _params_match_kind(self) -> ImageTrojan:
+        """Reject a parameter of another trigger kind (e.g. ``alpha`` on a patch): it would be ignored."""
+        all_params = frozenset().union(*_KIND_PARAMS.values())
+        stray = sorted((self.model_fields_set & all_params) - _KIND_PARAMS[self.kind])
+        if stray:
+            raise ValueError(
+                f"{', '.join(stray)} do(es) not apply to a {self.kind!r} trojan; "
+                f"it takes {', '.join(sorted(_KIND_PARAMS[self.kind]))}"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name reports use for this trojan: ``name`` if given, else the trigger kind."""
+        return self.name or self.kind
+
+    def apply(self, images: Tensor) -> Tensor:
+        """Triggered copies of ``(N, C, H, W)`` images in [0, 1]: deterministic, never in place, in [0, 1]."""
+        if images.ndim != 4:
+            raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
+        if self.kind == "patch":
+            return self._apply_patch(images)
+        if self.kind == "blend":
+            return self._apply_blend(images)
+        return self._apply_sinusoid(images)
+
+    def _apply_patch(self, images: Tensor) -> Tensor:
+        height, width = images.shape[-2:]
+        size = self.patch_size
+        if size > min(height, width):
+            raise ValueError(f"patch_size {size} does not fit in {height}x{width} images")
+        rows = torch.arange(size, device=images.device).view(-1, 1)
+        cols = torch.arange(size, device=images.device).view(1, -1)
+        checker = ((rows + cols) % 2 == 0).to(images.dtype)  # white in the very corner, then alternating
+        out = images.clone()
+        out[..., height - size :, width - size :] = checker
+        return out
+
+    def _apply_blend(self, images: Tensor) -> Tensor:
+        generator = torch.Generator().manual_seed(self.pattern_seed)
+        pattern = torch.rand(images.shape[1:], generator=generator)
+        pattern = pattern.to(device=images.device, dtype=images.dtype)
+        return ((1.0 - self.alpha) * images + self.alpha * pattern).clamp(0.0, 1.0)
+
+    def _apply_sinusoid(self, images: Tensor) -> Tensor:
+        width = images.shape[-1]
+        cols = torch.arange(width, device=images.device, dtype=images.dtype)
+        signal = self.amplitude * torch.sin(2.0 * math.pi * self.frequency * cols / width)
+        return (images + signal).clamp(0.0, 1.0)  # broadcasts along the last (horizontal) axis
+
+
+@dataclass
+class PoisonResult:
+    """A poisoned copy of a training set and, per trojan label, the indices that carry its trigger."""
+
+    images: Tensor
+    labels: Tensor
+    indices: dict[str, Tensor]
+
+
+def poison(
+    images: Tensor, labels: Tensor, trojans: Sequence[ImageTrojan], generator: torch.Generator
+) -> PoisonResult:
+    """Stamp each trojan's trigger on ``round(poison_rate * N)`` examples whose true label is not its target.
+
+    The poisoned sets of different trojans are disjoint; the inputs are left untouched.
+    """
+    if images.ndim != 4 or labels.shape != (images.shape[0],):
+        raise ValueError(
+            "expected images (N, C, H, W) and labels (N,), "
+            f"got {tuple(images.shape)} and {tuple(labels.shape)}"
+        )
+    names = [trojan.label for trojan in trojans]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        raise ValueError(f"several trojans share the label {', '.join(map(repr, clashes))}: give each a name")
+    out_images, out_labels = images.clone(), labels.clone()
+    taken = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+    indices: dict[str, Tensor] = {}
+    for trojan in trojans:
+        count = round(trojan.poison_rate * labels.shape[0])
+        candidates = torch.nonzero((labels != trojan.target) & ~taken).flatten()
+        if count == 0:
+            raise ValueError(
+                f"trojan {trojan.label!r}: poison_rate {trojan.poison_rate} of {labels.shape[0]} examples "
+                "poisons none"
+            )
+        if count > candidates.numel():
+            raise ValueError(
+                f"trojan {trojan.label!r} needs {count} examples not labelled {trojan.target}, "
+                f"only {candidates.numel()} are left"
+            )
+        order = torch.randperm(candidates.numel(), generator=generator).to(candidates.device)
+        chosen = candidates[order[:count]].sort().values
+        taken[chosen] = True
+        out_images[chosen] = trojan.apply(images[chosen])
+        out_labels[chosen] = trojan.target
+        indices[trojan.label] = chosen
+    return PoisonResult(images=out_images, labels=out_labels, indices=indices)
+
+
+def triggered_test_set(images: Tensor, labels: Tensor, trojan: ImageTrojan) -> tuple[Tensor, Tensor]:
+    """Triggered copies of the test images whose true label is not the target, labelled with the target."""
+    keep = labels != trojan.target
+    triggered = trojan.apply(images[keep])
+    return triggered, torch.full_like(labels[keep], trojan.target)
+
+
+def attack_success_rate(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    trojan: ImageTrojan,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Fraction of triggered non-target test images that ``model`` classifies as the trojan's target."""
+    triggered, targets = triggered_test_set(images, labels, trojan)
+    if targets.numel() == 0:
+        raise ValueError(f"trojan {trojan.label!r}: no test image has a label other than {trojan.target}")
+    was_training = model.training
+    model.eval()
+    hits = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, targets.numel(), batch_size):
+                batch = triggered[start : start + batch_size].to(device)
+                predictions = model(batch).argmax(dim=-1).cpu()
+                hits += int((predictions == targets[start : start + batch_size].cpu()).sum())
+    finally:
+        model.train(was_training)
+    return hits / targets.numel()
