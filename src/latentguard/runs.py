@@ -10,12 +10,12 @@ import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from latentguard.errors import CheckpointError
@@ -31,20 +31,27 @@ TRACKED_PACKAGES = (
 )
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` is either the old file or the complete new one, never a torn write."""
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[str]:
+    """A temporary file beside ``path`` to write; on success it is fsynced and renamed over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        yield tmp
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` is either the old file or the complete new one, never a torn write."""
+    with _atomic_target(path) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -93,20 +100,9 @@ def save_tensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None
 ) -> None:
     """Save tensors as safetensors atomically; ``metadata`` travels as JSON in the file header."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        header = {"latentguard": json.dumps(metadata or {})}
-        save_file(flat, tmp, metadata=header)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with _atomic_target(path) as tmp:
+        save_file(flat, tmp, metadata={"latentguard": json.dumps(metadata or {})})
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -115,8 +111,6 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
         metadata = json.loads(header.get("latentguard", "{}"))
