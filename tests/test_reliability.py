@@ -113,3 +113,36 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     for want, got in zip(expected, resumed, strict=True):
         assert got["defense"] == want["defense"]
         assert got["metrics"] == pytest.approx(want["metrics"], abs=1e-6), got["defense"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("device=cuda", "device: 'cuda' requested but CUDA is not available"),
+        ("defenses.lat.sites=[blok2]", "unknown layer 'blok2'"),
+        ("evaluation.latent_layers=[head.9]", "unknown layer 'head.9'"),
+        ("task.data_dir=/nonexistent", "dataset-fashion-mnist"),
+        ("evaluation.attacks.pgd_l2.kind=carlini", "evaluation.attacks.1.kind"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line_and_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, message: str
+) -> None:
+    from latentguard.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--quick", "--out", str(out), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("latentguard: error:") and "\n" not in err and "Traceback" not in err
+    assert message in err
+    assert not out.exists()
+
+
+def test_exploding_training_stops_with_the_step_and_site(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from latentguard.cli import main
+
+    args = ["run", *TINY, "--out", str(tmp_path / "run"), "--set", "training.lr=1e30"]
+    args += ["--set", "training.optimizer=sgd", "--set", "training.momentum=0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "step" in err and "on_nonfinite=skip" in err

@@ -7,7 +7,6 @@ unfinished training from its last checkpoint.
 
 from __future__ import annotations
 
-import shutil
 import time
 import zlib
 from dataclasses import asdict
@@ -21,6 +20,7 @@ from torch import nn
 from latentguard.config import DefenseSpec, RunConfig, dump_config, load_config
 from latentguard.domains import build_task
 from latentguard.domains.base import Task, resolve_device
+from latentguard.engine.site import resolve_module
 from latentguard.engine.trainer import DefenseConfig, Trainer
 from latentguard.errors import ConfigError
 from latentguard.evaluate import evaluate
@@ -98,17 +98,6 @@ class Pipeline:
         cfg = self.config
         return build_task(cfg.task, cfg.evaluation.attacks, seed, self.device)
 
-    def check_layers(self, task: Task) -> None:
-        """Fail before any training if a named layer does not exist in the task's model."""
-        from latentguard.engine.site import resolve_module
-
-        model = task.build_model()
-        for defense in self.config.defenses:
-            for site in defense.sites:
-                resolve_module(model, site)
-        for layer in self.config.evaluation.latent_layers:
-            resolve_module(model, layer)
-
     # -- training ------------------------------------------------------------------------------------------
     def base_model(self, task: Task, seed: int) -> nn.Module:
         """The trojaned base model: trained once per seed on poisoned data, shared by every defense."""
@@ -177,7 +166,6 @@ class Pipeline:
     def train(self) -> None:
         for seed in self.config.seeds:
             task = self.task(seed)
-            self.check_layers(task)
             for defense in self.config.defenses:
                 self.train_defense(task, seed, defense)
 
@@ -303,11 +291,24 @@ def _numbers(metrics: dict[str, float | None]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+def preflight(config: RunConfig) -> None:
+    """Check what can be checked before any folder is written: device, task sections, layer names."""
+    device = resolve_device(config.device)
+    task = build_task(config.task, config.evaluation.attacks, config.seeds[0], device)
+    model = task.build_model()
+    for defense in config.defenses:
+        for site in defense.sites:
+            resolve_module(model, site)
+    for layer in config.evaluation.latent_layers:
+        resolve_module(model, layer)
+
+
 def run(
     config: RunConfig, run_dir: Path | None = None, *, resume: bool = False, train_only: bool = False
 ) -> Path:
     """The whole pipeline; returns the run folder."""
     start = time.perf_counter()
+    preflight(config)
     if resume:
         assert run_dir is not None
     else:
@@ -318,9 +319,9 @@ def run(
         if not train_only:
             pipeline.evaluate()
             pipeline.report()
+        pipeline.log.write({"phase": "run", "wall_seconds": time.perf_counter() - start})
     finally:
         pipeline.log.close()
-    pipeline.log.write({"phase": "run", "wall_seconds": time.perf_counter() - start})
     return run_dir
 
 
@@ -330,7 +331,3 @@ def reevaluate(run_dir: Path) -> Path:
     pipeline.evaluate(force=True)
     pipeline.report()
     return run_dir
-
-
-def remove_run(run_dir: Path) -> None:
-    shutil.rmtree(run_dir, ignore_errors=True)
