@@ -138,7 +138,9 @@ def test_user_mistakes_exit_2_with_one_line_and_write_nothing(
     assert not out.exists()
 
 
-def test_exploding_training_stops_with_the_step_and_site(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_exploding_training_stops_with_the_step_and_site(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from latentguard.cli import main
 
     args = ["run", *TINY, "--out", str(tmp_path / "run"), "--set", "training.lr=1e30"]
