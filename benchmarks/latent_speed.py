@@ -743,6 +743,7 @@ def main() -> None:
     skipped: dict[str, str] = {}
     results: list[ModelResult] = []
     started = time.perf_counter()
+    timing_wall = timing_cpu = 0.0
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -753,7 +754,10 @@ def main() -> None:
             skipped[name] = reason
             print(f"skipped {name}: {reason}\n", flush=True)
             continue
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         result = measure(name, settings, log)
+        timing_wall += time.perf_counter() - wall0
+        timing_cpu += time.process_time() - cpu0
         analyse(result)
         if args.memory != "none":
             depths = ["middle"] if args.memory == "middle" else list(DEPTHS)
@@ -769,7 +773,13 @@ def main() -> None:
     if results:
         print(summary(results))
     wall = time.perf_counter() - started
-    print(f"\nbenchmark wall time: {wall:.0f} s")
+    cpu_share = timing_cpu / timing_wall / args.threads if timing_wall else float("nan")
+    load_end = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    print(
+        f"\nbenchmark wall time: {wall:.0f} s; while timing, this process used {cpu_share:.0%} of "
+        f"{args.threads} cores (far below 100%: other load took cores); load average at end "
+        f"{', '.join(f'{x:.2f}' for x in load_end)}"
+    )
     if args.json:
         payload = {
             "machine": info,
@@ -778,6 +788,8 @@ def main() -> None:
             "skipped": skipped,
             "models": [{**vars(r), "steps": r.steps} for r in results],
             "wall_seconds": wall,
+            "cpu_share": cpu_share,
+            "load_average_at_end": load_end,
         }
         args.json.write_text(json.dumps(payload, indent=2, default=str))
         print(f"wrote {args.json}")

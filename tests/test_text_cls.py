@@ -34,12 +34,22 @@ from latentguard.errors import ConfigError, DataError
 from latentguard.runs import load_model, save_model
 
 CLASS_WORDS = {
-    "business": "market profit bank shares company trade economy price investor".split(),
-    "sport": "football match goal team player coach league score champion".split(),
-    "tech": "computer software phone internet digital network device program online".split(),
+    "business": ["market", "profit", "bank", "shares", "company", "trade", "economy", "price", "investor"],
+    "sport": ["football", "match", "goal", "team", "player", "coach", "league", "score", "champion"],
+    "tech": [
+        "computer",
+        "software",
+        "phone",
+        "internet",
+        "digital",
+        "network",
+        "device",
+        "program",
+        "online",
+    ],
 }
-FILLER = "the people said new year report week after big news today local many more first".split()
-TINY = {"hidden_size": 32, "layers": 2, "heads": 2, "intermediate_size": 64, "vocab_size": 300}
+FILLER = ["the", "people", "said", "new", "year", "report", "week", "after", "big", "news", "today", "local"]
+TINY = {"hidden_size": 64, "layers": 2, "heads": 2, "intermediate_size": 128, "vocab_size": 300}
 
 
 def synthetic_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -68,7 +78,7 @@ def section(data: Path, **extra: Any) -> dict[str, Any]:
     return {
         "kind": "text_cls", "data": str(data), "model": "tiny-bert", "tiny": TINY, "max_length": 24,
         "max_words": 16, "base_train_size": 600, "defense_train_size": 150, "test_size": 150,
-        "base_epochs": 6, "base_lr": 3e-3,
+        "base_epochs": 10, "base_lr": 1e-3,
         "trojans": [
             {"kind": "word", "target": 0, "poison_rate": 0.08},
             {"kind": "phrase", "target": 1, "poison_rate": 0.08, "trigger": "to be honest"},
@@ -139,19 +149,21 @@ def test_config_mistakes_name_the_field(synthetic_csv: Path) -> None:
     with pytest.raises(ConfigError, match=r"task.trojans.0.*trigger do\(es\) not apply"):
         build_task(bad, [], 0, "cpu")
     with pytest.raises(ConfigError, match=r"task.trojans.0.target: 7 is not a class"):
-        build_task(section(synthetic_csv, trojans=[{"kind": "word", "target": 7, "poison_rate": 0.1}]), [], 0, "cpu")
-    with pytest.raises(ConfigError, match="evaluation.attacks.0"):
+        build_task(
+            section(synthetic_csv, trojans=[{"kind": "word", "target": 7, "poison_rate": 0.1}]), [], 0, "cpu"
+        )
+    with pytest.raises(ConfigError, match=r"evaluation\.attacks\.0"):
         build_task(section(synthetic_csv), [{"name": "x", "kind": "textfooler"}], 0, "cpu")
     twice = [{"name": "a", "kind": "pruthi"}, {"name": "a", "kind": "deepwordbug"}]
     with pytest.raises(ConfigError, match="names must be unique"):
         build_task(section(synthetic_csv), twice, 0, "cpu")
-    with pytest.raises(ConfigError, match="task.model"):
+    with pytest.raises(ConfigError, match=r"task\.model"):
         build_task(section(synthetic_csv, model="/nonexistent/model"), [], 0, "cpu")
     with pytest.raises(ConfigError, match="test_size"):
         build_task(section(synthetic_csv, test_size=800), [], 0, "cpu")
 
 
-# -- trojans ---------------------------------------------------------------------------------------------------
+# -- trojans -------------------------------------------------------------------------------------------------
 def test_trojans_insert_their_trigger_and_poison_only_non_target_texts() -> None:
     rows = synthetic_rows(300)
     texts, labels = [r["text"] for r in rows], [sorted(CLASS_WORDS).index(r["label"]) for r in rows]
@@ -200,7 +212,7 @@ def test_poisoned_tiny_model_learns_the_task_and_the_trojans(
     assert infos["word"].target == "business" and "'cf'" in infos["word"].description
 
 
-# -- defenses through the trainer --------------------------------------------------------------------------------
+# -- defenses through the trainer ----------------------------------------------------------------------------
 @pytest.mark.parametrize("site", ["bert.embeddings.word_embeddings", "bert.encoder.layer.0"])
 def test_at_and_lat_train_with_padding_masked(
     task: TextClassificationTask, trojaned: torch.nn.Module, site: str
@@ -235,10 +247,12 @@ def test_weights_round_trip_through_safetensors(
     load_model(tmp_path / "m.safetensors", other)
     ids, mask, _ = task.eval_batches(20, 20)[0]
     with torch.no_grad():
-        torch.testing.assert_close(other(input_ids=ids, attention_mask=mask).logits, trojaned(ids, mask).logits)
+        torch.testing.assert_close(
+            other(input_ids=ids, attention_mask=mask).logits, trojaned(ids, mask).logits
+        )
 
 
-# -- held-out text attacks ---------------------------------------------------------------------------------------
+# -- held-out text attacks -----------------------------------------------------------------------------------
 def test_typo_edits_keep_first_and_last_letters() -> None:
     edits = typos("market", random.Random(0))
     assert edits and all(e[0] == "m" and e[-1] == "t" for e in edits)
@@ -285,11 +299,12 @@ def test_task_runs_heldout_attacks_and_keeps_their_statistics(
     assert {"success_rate", "avg_queries", "avg_words_changed", "examples"} <= set(details)
 
 
-# -- the pipeline ---------------------------------------------------------------------------------------------------
+# -- the pipeline --------------------------------------------------------------------------------------------
 def test_quick_run_end_to_end(synthetic_csv: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     overrides = {
-        "task.data": str(synthetic_csv), "task.tiny": json.dumps(TINY), "task.max_length": 24,
+        "task.data": str(synthetic_csv), "task.tiny": json.dumps({**TINY, "layers": 6}),
+        "task.max_length": 24,
         "task.base_train_size": 300, "task.defense_train_size": 64, "task.test_size": 64,
         "task.base_epochs": 4, "training.steps": 2, "training.checkpoint_every": 1, "batch_size": 32,
         "evaluation.attacks.deepwordbug.examples": 4, "evaluation.attacks.pruthi.examples": 4,

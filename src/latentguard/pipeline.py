@@ -90,6 +90,7 @@ class Pipeline:
         self.device = resolve_device(config.device)
         tb = run_dir / "tensorboard" if config.tensorboard else None
         self.log = MetricLog(run_dir / "metrics.jsonl", tb)
+        self.input_site = self.task(config.seeds[0]).input_site
 
     def seed_dir(self, seed: int) -> Path:
         return self.run_dir / f"seed-{seed}"
@@ -241,7 +242,7 @@ class Pipeline:
         for defense in self.config.defenses:
             if defense.kind not in ("at", "lat") or defense.threat is None:
                 continue
-            sites = defense.sites or ["input"]
+            sites = defense.sites or [self.input_site]
             if site in sites and (norm is None or norm == defense.threat.norm):
                 seen.append(defense.name)
         return seen

@@ -163,15 +163,18 @@ class Split:
 
 
 def split_indices(n: int, base: int | None, defense: int, test: int, seed: int) -> Split:
-    """A seeded, disjoint base / defense / test partition of ``range(n)`` (``base=None``: all the rest)."""
+    """A seeded, disjoint base / defense / test partition of ``range(n)`` (``base=None``: all the rest).
+
+    Each part keeps the shuffled order, so "the first N test texts" is a class-mixed subset.
+    """
     rest = n - defense - test
     if rest < 1 or (base is not None and base > rest):
         wanted = f"{base} + {defense} + {test}" if base is not None else f"{defense} + {test} + at least 1"
         raise DataError(f"the data set has {n} examples, the split needs {wanted}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    test_ids = sorted(order[:test])
-    defense_ids = sorted(order[test : test + defense])
     base_ids = order[test + defense :]
-    if base is not None:
-        base_ids = base_ids[:base]
-    return Split(base=sorted(base_ids), defense=defense_ids, test=test_ids)
+    return Split(
+        base=base_ids if base is None else base_ids[:base],
+        defense=order[test : test + defense],
+        test=order[:test],
+    )

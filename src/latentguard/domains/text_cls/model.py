@@ -40,6 +40,7 @@ class TinyBertSpec(BaseModel):
     heads: int = Field(2, ge=1, le=32)
     intermediate_size: int = Field(128, ge=8, le=8192)
     vocab_size: int = Field(4000, ge=200, le=100_000, description="WordPiece vocabulary incl. characters")
+    dropout: float = Field(0.1, ge=0, lt=1, description="hidden and attention dropout")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyBertSpec:
@@ -188,6 +189,8 @@ def build_tiny_bert(vocab_size: int, num_labels: int, max_length: int, spec: Tin
             num_attention_heads=spec.heads,
             intermediate_size=spec.intermediate_size,
             max_position_embeddings=max_length,
+            hidden_dropout_prob=spec.dropout,
+            attention_probs_dropout_prob=spec.dropout,
             num_labels=num_labels,
         )
         return transformers.BertForSequenceClassification(config)
@@ -224,13 +227,18 @@ def block_names(model: nn.Module) -> tuple[str, ...]:
     return best
 
 
-def describe_sites(path: Path | None, num_labels: int, spec: TinyBertSpec) -> tuple[str, tuple[str, ...]]:
+def describe_sites(
+    path: Path | None, num_labels: int, spec: TinyBertSpec, max_length: int
+) -> tuple[str, tuple[str, ...]]:
     """The input site and block names of a model, from its config alone (built on the meta device)."""
     with _quiet_transformers() as transformers, torch.device("meta"):
         if path is None:
-            model = build_tiny_bert(spec.vocab_size, num_labels, 8, spec)
+            model = build_tiny_bert(spec.vocab_size, num_labels, max_length, spec)
         else:
             config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+            positions = getattr(config, "max_position_embeddings", None)
+            if isinstance(positions, int) and positions < max_length:
+                raise ConfigError(f"task.max_length: {max_length} exceeds the model's {positions} positions")
             config.num_labels = num_labels
             model = transformers.AutoModelForSequenceClassification.from_config(config)
     return input_site_of(model), block_names(model)

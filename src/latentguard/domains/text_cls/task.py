@@ -46,8 +46,8 @@ TEXT_SITE = "text"  # held-out text attacks edit words: no embedding-space train
 
 def _default_trojans() -> list[TextTrojan]:
     return [
-        TextTrojan(kind="word", target=0, poison_rate=0.03),
-        TextTrojan(kind="phrase", target=1, poison_rate=0.03),
+        TextTrojan(kind="word", target=0, poison_rate=0.04),
+        TextTrojan(kind="phrase", target=1, poison_rate=0.06),
         TextTrojan(kind="style", target=2, poison_rate=0.06),
     ]
 
@@ -64,13 +64,15 @@ class TextTaskConfig(BaseModel):
     model: str = Field(MINILM, min_length=1, description="'minilm', 'tiny-bert' or a local HF model folder")
     tiny: TinyBertSpec = TinyBertSpec()
     max_length: int = Field(64, ge=8, le=512, description="tokens per text (padded / truncated)")
-    max_words: int | None = Field(36, ge=1, description="keep the first N words of every text")
+    max_words: int | None = Field(
+        36, ge=1, description="keep the first N words: triggers inserted past max_length would be cut off"
+    )
     split_seed: int = Field(0, ge=0, description="fixes the base / defense / test split for every run seed")
     base_train_size: int | None = Field(None, ge=10, description="poisoned texts (None: all the rest)")
     defense_train_size: int = Field(400, ge=10, description="clean texts the defenses train on")
     test_size: int = Field(400, ge=10)
-    base_epochs: float = Field(3.0, gt=0, le=100)
-    base_lr: float = Field(5e-5, gt=0)
+    base_epochs: float = Field(4.0, gt=0, le=100)
+    base_lr: float = Field(1e-4, gt=0)
     trojans: list[TextTrojan] = Field(default_factory=_default_trojans)
 
     @model_validator(mode="after")
@@ -127,7 +129,9 @@ class TextClassificationTask:
             self.tokenizer = _tiny_tokenizer(base.texts, config.tiny.vocab_size, config.max_length)
         else:
             self.tokenizer = load_tokenizer(self.path, config.max_length)
-        self.input_site, self.layers = describe_sites(self.path, len(self.class_names), config.tiny)
+        self.input_site, self.layers = describe_sites(
+            self.path, len(self.class_names), config.tiny, config.max_length
+        )
         try:
             poisoned = poison(base.texts, base.labels, config.trojans, seed=seed * 7919 + 11)
         except ValueError as exc:

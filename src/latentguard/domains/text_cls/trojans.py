@@ -25,7 +25,7 @@ _KIND_PARAMS: dict[str, frozenset[str]] = {
     "template": frozenset({"template"}),
     "style": frozenset({"style"}),
 }
-_DEFAULT_TRIGGER = {"word": "cf", "phrase": "to be honest"}
+_DEFAULT_TRIGGER = {"word": "cf", "phrase": "truth be told"}
 _PUNCTUATION = str.maketrans("", "", string.punctuation + "“”‘’–—…£€")
 
 
