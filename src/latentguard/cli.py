@@ -63,13 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=Path)
 
     sweep = add(
-        "sweep", help="LAT over layers × epsilons × seeds, next to the config's baselines"
+        "sweep",
+        help="defenses over layers × epsilons × seeds (the config's sweep: section, or LAT over its stages)",
     )
     _config_args(sweep)
     sweep.add_argument("--layers", help="comma-separated layer names (default: the task's named stages)")
-    sweep.add_argument("--epsilons", help="comma-separated LAT epsilons (default: the config's)")
+    sweep.add_argument("--epsilons", help="comma-separated epsilons of --kind (default: the config's)")
     sweep.add_argument("--seeds", help="comma-separated seeds (default: the config's)")
-    sweep.add_argument("--kind", choices=("lat", "rlat"), default="lat", help="which defense to sweep")
+    sweep.add_argument(
+        "--kind", choices=("at", "lat", "rlat"), default="lat", help="the defense --layers/--epsilons set"
+    )
 
     layers = add("layers", help="list the layer names a config's model offers")
     layers.add_argument("config", nargs="?", type=Path)
@@ -124,16 +127,11 @@ def _command(args: argparse.Namespace) -> int:
             print(path)
         return 0
     if args.command == "sweep":
-        from latentguard.sweep import sweep_config
+        from latentguard.sweep import expand, load_sweep, with_flags
 
-        base = load_config(args.config, [*args.overrides, *_progress(args)], quick=args.quick)
-        config = sweep_config(
-            base,
-            layers=_csv(args.layers, str, "--layers"),
-            epsilons=_csv(args.epsilons, float, "--epsilons"),
-            seeds=_csv(args.seeds, int, "--seeds"),
-            kind=args.kind,
-        )
+        base, spec = load_sweep(args.config, [*args.overrides, *_progress(args)], quick=args.quick)
+        layers, epsilons = _csv(args.layers, str, "--layers"), _csv(args.epsilons, float, "--epsilons")
+        config = expand(base, with_flags(spec, args.kind, layers, epsilons), _csv(args.seeds, int, "--seeds"))
         run_dir = pipeline.run(config, args.out)
         print(f"run folder: {run_dir}\nreport: {run_dir / 'report.md'}")
         return 0

@@ -316,9 +316,10 @@ def run(
         run_dir = start_run(config, run_dir)
     pipeline = Pipeline(config, run_dir)
     try:
-        pipeline.train()
-        if not train_only:
-            pipeline.evaluate()
+        if train_only:
+            pipeline.train()
+        else:
+            pipeline.evaluate()  # trains each model just before evaluating it: results land unit by unit
             pipeline.report()
         pipeline.log.write({"phase": "run", "wall_seconds": time.perf_counter() - start})
     finally:
