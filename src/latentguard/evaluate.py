@@ -108,7 +108,7 @@ def _black_box_not_better(task: Task, metrics: dict[str, float | None]) -> bool 
 
 def sanity_attack(defense: DefenseSpec, task: Task, config: EvaluationConfig) -> LatentAttack:
     """The attack the sanity checks probe: the defense's own threat, else latent PGD at an eval layer."""
-    if defense.threat is not None and defense.kind in ("at", "lat", "rlat"):
+    if defense.threat is not None and defense.kind in ("at", "lat", "rlat", "tlat"):
         return LatentAttack(defense.sites or [task.input_site], defense.threat, config.latent_pgd)
     layer = (config.latent_layers or list(task.layers))[0]
     return LatentAttack([layer], config.latent_threat, config.latent_pgd)

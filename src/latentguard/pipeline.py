@@ -131,6 +131,10 @@ class Pipeline:
         folder = self.seed_dir(seed) / defense.name
         final = folder / "model.safetensors"
         base = self.base_model(task, seed)
+        # A task may train the defenses on another form of the trojaned model (e.g. fresh LoRA adapters).
+        prepare = getattr(task, "defense_model", None)
+        if prepare is not None:
+            base = prepare(base)
         if final.exists():
             load_model(final, base)
             return base
@@ -240,7 +244,7 @@ class Pipeline:
         """Defenses whose training threat had this site (and norm, when the attack has one)."""
         seen = []
         for defense in self.config.defenses:
-            if defense.kind not in ("at", "lat") or defense.threat is None:
+            if defense.kind not in ("at", "lat", "tlat") or defense.threat is None:
                 continue
             sites = defense.sites or [self.input_site]
             if site in sites and (norm is None or norm == defense.threat.norm):

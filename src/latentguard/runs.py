@@ -99,8 +99,17 @@ def provenance() -> dict[str, Any]:
 def save_tensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None
 ) -> None:
-    """Save tensors as safetensors atomically; ``metadata`` travels as JSON in the file header."""
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    """Save tensors as safetensors atomically; ``metadata`` travels as JSON in the file header.
+
+    Tensors sharing memory (tied input and output embeddings) are stored as separate copies.
+    """
+    flat: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for key, value in tensors.items():
+        tensor = value.detach().contiguous().cpu()
+        storage = tensor.untyped_storage().data_ptr()
+        flat[key] = tensor.clone() if storage in storages else tensor
+        storages.add(storage)
     with _atomic_target(path) as tmp:
         save_file(flat, tmp, metadata={"latentguard": json.dumps(metadata or {})})
 

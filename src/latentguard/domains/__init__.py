@@ -11,6 +11,7 @@ from latentguard.errors import ConfigError
 TASKS: dict[str, str] = {
     "image_cls": "latentguard.domains.image.task:ImageTask",
     "text_cls": "latentguard.domains.text_cls.task:TextClassificationTask",
+    "text_gen": "latentguard.domains.text_gen.task:TextGenerationTask",
 }
 
 

