@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Install latentguard and everything it needs on a fresh Debian machine. Safe to run again.
-#   scripts/install.sh          the library, the CLI and the Fashion-MNIST data
+#   scripts/install.sh          the library, the CLI, the text domains and the offline data
 #   scripts/install.sh --test   the same plus the test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
-if [[ "${1:-}" == "--test" ]]; then extras="[test]"; fi
+extras="[text]"
+if [[ "${1:-}" == "--test" ]]; then extras="[text,test]"; fi
 
 # Data from Debian (no download at run time): Fashion-MNIST, and WordNet for the PWWS text attack.
 if [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || ! -d /usr/share/wordnet ]]; then

@@ -301,3 +301,24 @@ def test_render_run(tmp_path: Path) -> None:
     written = render_run(tmp_path)
     assert written[0] == tmp_path / "report.md"
     assert {p.name for p in tmp_path.iterdir()} >= {"report.md", PARETO_ROBUST_FILE, "results.json"}
+
+
+def test_attack_statistics_section() -> None:
+    """Per-attack statistics (e.g. a text attack's success rate and queries) are averaged over seeds."""
+    results = make_results()
+    for record in results["records"]:
+        rate = 0.9 if record["defense"] == "none" else 0.5
+        record["heldout_details"] = {
+            "pgd_l2": {
+                "success_rate": rate + 0.02 * record["seed"],
+                "avg_queries": 100.0 + 10 * record["seed"],
+                "examples": 40,
+                "samples": [{"original": "oil prices | rise", "perturbed": "oil prcies rise", "label": 2}],
+            }
+        }
+    section = _section(render_markdown(results), "Held-out attack statistics")
+    none_row = next(line for line in section.splitlines() if line.startswith("| none |"))
+    assert "0.910 ± 0.014" in none_row  # mean and sample std of 0.90 and 0.92
+    assert "105.0 ± 7.1" in none_row
+    assert "oil prices \\| rise" in section and "oil prcies rise" in section
+    assert "Held-out attack statistics" not in render_markdown(make_results())

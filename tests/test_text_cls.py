@@ -16,7 +16,6 @@ from latentguard.cli import main
 from latentguard.config import EMBEDDED
 from latentguard.domains import build_task
 from latentguard.domains.text_cls.attacks import (
-    WORDNET_DIR,
     DeepWordBugSpec,
     PruthiSpec,
     PWWSSpec,
@@ -271,8 +270,6 @@ ATTACKS = [
 def test_text_attacks_fool_an_undefended_model(
     task: TextClassificationTask, trojaned: torch.nn.Module, spec: Any
 ) -> None:
-    if spec.kind == "pwws" and not (WORDNET_DIR / "data.noun").is_file():
-        pytest.skip("PWWS needs Debian's wordnet-base")
     texts, labels = task.test.texts, task.test.labels
     outcome = run_attack(trojaned, task.tokenizer, texts, labels, spec, max_length=24, seed=0)
     assert outcome.examples == 30 and outcome.attacked >= 25
@@ -294,7 +291,7 @@ def test_task_runs_heldout_attacks_and_keeps_their_statistics(
     [info] = task.heldout_attacks()
     assert (info.site, info.norm, info.black_box) == ("text", None, True) and "Pruthi" in info.description
     robust = task.run_heldout(trojaned, "typos", seed=0)
-    details = task.heldout_details()["typos"]  # type: ignore[attr-defined]
+    details = task.heldout_details()["typos"]
     assert details["robust_accuracy"] == robust
     assert {"success_rate", "avg_queries", "avg_words_changed", "examples"} <= set(details)
 
@@ -326,4 +323,7 @@ def test_quick_run_end_to_end(synthetic_csv: Path, tmp_path: Path) -> None:
     at = next(r for r in results["records"] if r["defense"] == "at")
     assert at["calibration"]["bert.embeddings.word_embeddings"]["epsilon_abs"] > 0
     assert all(r["sanity"]["hook_fired"] for r in results["records"])
-    assert "| lat " in (out / "report.md").read_text()
+    details = results["records"][0]["heldout_details"]
+    assert set(details) == {"deepwordbug", "pruthi", "pwws"} and details["pwws"]["examples"] == 4
+    report = (out / "report.md").read_text()
+    assert "| lat " in report and "## Held-out attack statistics" in report

@@ -57,6 +57,9 @@ class RunConfig(BaseModel):
     evaluation: EvaluationConfig = EvaluationConfig()
     seeds: list[int] = Field([0], min_length=1)
     device: str = "cpu"
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; set it when other jobs share the cores (default: torch's)"
+    )
     output_dir: Path = Path("runs")
     tensorboard: bool = False
     progress: bool = True

@@ -31,6 +31,7 @@ class Evaluation:
     metrics: dict[str, float | None] = field(default_factory=dict)
     sanity: dict[str, bool | None] = field(default_factory=dict)
     calibration: dict[str, dict[str, float]] = field(default_factory=dict)
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -126,6 +127,7 @@ def evaluate(
     for attack in task.heldout_attacks():
         torch.manual_seed(seed)
         result.metrics[f"robust/{attack.name}"] = task.run_heldout(model, attack.name, seed)
+    result.details = task.heldout_details()
     batches = task.eval_batches(config.latent_examples, config.batch_size)
     for layer in config.latent_layers:
         torch.manual_seed(seed)

@@ -85,6 +85,8 @@ class Pipeline:
     """Runs (or resumes) every unit of one run folder."""
 
     def __init__(self, config: RunConfig, run_dir: Path) -> None:
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.config = config
         self.run_dir = run_dir
         self.device = resolve_device(config.device)
@@ -212,6 +214,7 @@ class Pipeline:
                         "metrics": evaluation["metrics"],
                         "calibration": {**train["calibration"], **evaluation["calibration"]},
                         "sanity": evaluation["sanity"],
+                        "heldout_details": evaluation.get("details", {}),
                         "seconds": {"train": train["seconds"], "eval": evaluation["seconds"]},
                     }
                 )
@@ -313,6 +316,8 @@ def run(
 ) -> Path:
     """The whole pipeline; returns the run folder."""
     start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     preflight(config)
     if resume:
         assert run_dir is not None

@@ -44,7 +44,8 @@ _KIND_STYLE: dict[str, tuple[str, str]] = {
     "tlat": ("tab:red", "D"),
 }
 _OTHER_STYLE = ("tab:purple", "P")
-_METRIC_COLOURS = {"clean": "tab:blue", "heldout": "tab:green", "trojan": "tab:red"}
+# Colour maps for a kind with several families (one LAT curve per layer): light = first, dark = last.
+_KIND_SHADES = {"at": "Blues", "lat": "Oranges", "rlat": "Greens", "tlat": "Reds"}
 _KIND_LINESTYLE = {"lat": "-", "rlat": "--"}
 _DPI = 110
 
@@ -187,6 +188,17 @@ class _Point:
     x_std: float
     y: float
     y_std: float
+    family: str
+    epsilon: float | None
+
+
+def _family(record: dict) -> str:
+    """The curve a defense belongs to: its kind, plus the layer for latent kinds (``lat@block2``)."""
+    kind = str(record.get("kind") or "?")
+    sites = record.get("sites")
+    if kind in LAYER_KINDS and isinstance(sites, list) and sites:
+        return f"{kind}@{'+'.join(str(s) for s in sites)}"
+    return kind
 
 
 def _pareto_points(results: dict, y_group: str) -> list[_Point]:
@@ -195,7 +207,6 @@ def _pareto_points(results: dict, y_group: str) -> list[_Point]:
     y_keys = _group_keys(results, y_group)
     if clean is None or not y_keys:
         return []
-    kinds = _kinds(results)
     points = []
     for defense in _defenses(results):
         recs = [r for r in _records(results) if str(r.get("defense")) == defense]
@@ -203,8 +214,47 @@ def _pareto_points(results: dict, y_group: str) -> list[_Point]:
         ys = [y for y in (_group_mean(r, y_keys) for r in recs) if y is not None]
         if xs and ys:
             sx, sy = _stats(xs), _stats(ys)
-            points.append(_Point(defense, kinds[defense], sx["mean"], sx["std"], sy["mean"], sy["std"]))
+            kind, family, epsilon = (
+                str(recs[0].get("kind") or "?"),
+                _family(recs[0]),
+                _number(recs[0].get("epsilon")),
+            )
+            points.append(
+                _Point(defense, kind, sx["mean"], sx["std"], sy["mean"], sy["std"], family, epsilon)
+            )
     return points
+
+
+def _curves(points: Sequence[_Point]) -> dict[str, list[_Point]]:
+    """Points grouped by family; a family whose points all have distinct budgets is sorted by budget."""
+    families: dict[str, list[_Point]] = {}
+    for p in points:
+        families.setdefault(p.family, []).append(p)
+    for family, members in families.items():
+        if _is_curve(members):
+            families[family] = sorted(members, key=lambda p: p.epsilon or 0.0)
+    return families
+
+
+def _is_curve(members: Sequence[_Point]) -> bool:
+    """Several points of one family that differ only in budget: drawn as a line, labelled by budget."""
+    budgets = [p.epsilon for p in members]
+    return len(members) > 1 and None not in budgets and len(set(budgets)) == len(budgets)
+
+
+def _family_colours(families: Sequence[str], kinds: dict[str, str]) -> dict[str, Any]:
+    """The kind's colour for a kind's only family; shades of the kind's colour map when it has several."""
+    import matplotlib as mpl
+
+    colours: dict[str, Any] = {}
+    for kind in dict.fromkeys(kinds[f] for f in families):
+        mine = [f for f in families if kinds[f] == kind]
+        if len(mine) == 1 or kind not in _KIND_SHADES:
+            colours.update({f: _KIND_STYLE.get(kind, _OTHER_STYLE)[0] for f in mine})
+        else:
+            shades = mpl.colormaps[_KIND_SHADES[kind]]
+            colours.update({f: shades(0.4 + 0.55 * i / (len(mine) - 1)) for i, f in enumerate(mine)})
+    return colours
 
 
 def _pareto_front(points: Sequence[_Point], y_higher_is_better: bool) -> list[_Point]:
@@ -236,17 +286,6 @@ def _save_png(fig: Any, path: Path) -> Path:
     return path
 
 
-def _kind_legend(ax: Any, kinds: Iterable[str], extra: Sequence[Any] = ()) -> None:
-    """A legend with one marker per defense kind present, then any ``extra`` handles."""
-    from matplotlib.lines import Line2D
-
-    handles = []
-    for kind in dict.fromkeys(kinds):
-        colour, marker = _KIND_STYLE.get(kind, _OTHER_STYLE)
-        handles.append(Line2D([], [], color=colour, marker=marker, linestyle="none", label=kind))
-    ax.legend(handles=[*handles, *extra], title="kind", fontsize=8, title_fontsize=8, loc="best")
-
-
 def _direction(results: dict, group: str) -> bool | None:
     """Whether higher is better for every metric of ``group`` (True/False), or ``None`` when mixed/unknown."""
     directions = {m.higher_is_better for m in _metrics(results) if m.group == group}
@@ -256,8 +295,9 @@ def _direction(results: dict, group: str) -> bool | None:
 def plot_pareto(results: dict, path: Path, y_group: str = "heldout") -> Path | None:
     """Scatter clean metric (x) against the mean of ``y_group``'s metrics (y) per defense; ``None`` if empty.
 
-    Each point is the mean over seeds with ±1 sample-std error bars; points are labelled by defense name,
-    styled by kind, and the non-dominated ones are joined as the Pareto front.
+    Each point is the mean over seeds with ±1 sample-std error bars. The points of one family (``at``,
+    ``lat@block2``, …) that differ only in budget are joined in budget order and labelled by ε; other points
+    are labelled by defense name. The non-dominated points are joined as the Pareto front.
     """
     points = _pareto_points(results, y_group)
     if not points:
@@ -267,33 +307,51 @@ def plot_pareto(results: dict, path: Path, y_group: str = "heldout") -> Path | N
     clean = _clean_metric(results)
     assert clean is not None  # _pareto_points returns [] otherwise
     higher = _direction(results, y_group)
-    fig = _new_figure()
+    curves = _curves(points)
+    colours = _family_colours(list(curves), {p.family: p.kind for p in points})
+    fig = _new_figure(9.0 if len(curves) > 4 else 7.0, 5.5 if len(curves) > 4 else 5.0)
     ax = fig.add_subplot()
     stacked: dict[tuple[float, float], int] = {}
-    for p in points:
-        colour, marker = _KIND_STYLE.get(p.kind, _OTHER_STYLE)
-        ax.errorbar(
-            p.x,
-            p.y,
-            xerr=p.x_std,
-            yerr=p.y_std,
-            fmt=marker,
-            color=colour,
-            markersize=8,
-            capsize=3,
-            elinewidth=1,
-        )
-        # Stack the labels of points that sit on top of each other instead of printing them over each other.
-        spot = (round(p.x, 3), round(p.y, 3))
-        stacked[spot] = stacked.get(spot, -1) + 1
-        offset = (6, 6 + 10 * stacked[spot])
-        ax.annotate(p.defense, (p.x, p.y), textcoords="offset points", xytext=offset, fontsize=8)
-    extra = []
+    handles = []
+    for family, members in curves.items():
+        colour, marker = colours[family], _KIND_STYLE.get(members[0].kind, _OTHER_STYLE)[1]
+        curve = _is_curve(members)
+        if curve:
+            ax.plot([p.x for p in members], [p.y for p in members], color=colour, linewidth=1.2, alpha=0.8)
+        for p in members:
+            ax.errorbar(
+                p.x,
+                p.y,
+                xerr=p.x_std,
+                yerr=p.y_std,
+                fmt=marker,
+                color=colour,
+                markersize=7,
+                capsize=2,
+                elinewidth=0.8,
+            )
+            # Stack the labels of points that sit on top of each other instead of over each other.
+            spot = (round(p.x, 3), round(p.y, 3))
+            stacked[spot] = stacked.get(spot, -1) + 1
+            offset = (5, 4 + 9 * stacked[spot])
+            text = f"{p.epsilon:g}" if curve else p.defense
+            ax.annotate(text, (p.x, p.y), textcoords="offset points", xytext=offset, fontsize=7, color=colour)
+        label = family if curve else ", ".join(p.defense for p in members)
+        style = "-" if curve else "none"
+        handles.append(Line2D([], [], color=colour, marker=marker, linestyle=style, label=label))
     if len(points) > 1 and higher is not None:
         front = _pareto_front(points, higher)
         ax.plot([p.x for p in front], [p.y for p in front], linestyle=":", color="0.4", zorder=0)
-        extra.append(Line2D([], [], linestyle=":", color="0.4", label="Pareto front"))
-    _kind_legend(ax, (p.kind for p in points), extra)
+        handles.append(Line2D([], [], linestyle=":", color="0.4", label="Pareto front"))
+    title = "defense (curve labels: ε)" if any(_is_curve(m) for m in curves.values()) else "defense"
+    ax.legend(
+        handles=handles,
+        title=title,
+        fontsize=8,
+        title_fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),  # outside: never hides a point
+    )
     if y_group == "trojan":
         y_label = "mean trojan ASR (lower is better ↓)"
     else:
@@ -314,21 +372,22 @@ def plot_pareto(results: dict, path: Path, y_group: str = "heldout") -> Path | N
 
 @dataclass
 class _Series:
-    """One line of the by-layer plot: per layer, (mean, std) of a metric over its records."""
+    """One line of the by-layer plot: per layer, (mean, std) over seeds of one metric group."""
 
-    label: str
-    group: str
     kind: str
+    epsilon: float | None
     points: dict[str, tuple[float, float]] = field(default_factory=dict)
-    epsilon_rank: int | None = None  # set for per-epsilon lines of the main metric
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}, ε={'?' if self.epsilon is None else f'{self.epsilon:g}'}"
 
 
-def _layer_series(results: dict) -> tuple[list[str], list[_Series]] | None:
-    """Layers (x axis) and the lines of the by-layer plot, or ``None`` when fewer than 2 layers are covered.
+def _layer_series(results: dict) -> tuple[list[str], dict[str, list[_Series]]] | None:
+    """Layers (x axis) and, per metric group, one line per (kind, ε); ``None`` when < 2 layers are covered.
 
-    Uses single-site ``lat``/``rlat`` records. Lines: clean metric, mean held-out robustness and mean trojan
-    ASR per kind. When one layer holds several epsilons, the main metric (held-out, else trojan, else clean)
-    gets one line per epsilon and the other metrics are pooled over epsilons, to keep the plot readable.
+    Uses single-site ``lat``/``rlat`` records; groups are the clean metric, mean held-out robustness and mean
+    trojan ASR, each a panel of its own so that a budget's effect on each metric stays visible.
     """
     recs = [
         r
@@ -340,112 +399,107 @@ def _layer_series(results: dict) -> tuple[list[str], list[_Series]] | None:
         return None
     order = [str(x) for x in results.get("layer_order") or []]
     layers = [x for x in order if x in found] + [x for x in found if x not in order]
+    keys = _panel_keys(results)
+    kinds = [k for k in LAYER_KINDS if any(r.get("kind") == k for r in recs)]
+    panels: dict[str, list[_Series]] = {}
+    for group in ("clean", "heldout", "trojan"):
+        lines = []
+        for kind in kinds:
+            epsilons = {_number(r.get("epsilon")) for r in recs if r.get("kind") == kind}
+            for epsilon in sorted(epsilons, key=lambda e: (e is None, e or 0.0)):
+                line = _Series(kind, epsilon)
+                for layer in layers:
+                    chosen = [
+                        r
+                        for r in recs
+                        if (r.get("kind"), str(r["sites"][0]), _number(r.get("epsilon")))
+                        == (kind, layer, epsilon)
+                    ]
+                    vals = [v for v in (_group_mean(r, keys[group]) for r in chosen) if v is not None]
+                    if vals:
+                        s = _stats(vals)
+                        line.points[layer] = (s["mean"], s["std"])
+                if line.points:
+                    lines.append(line)
+        if lines:
+            panels[group] = lines
+    return (layers, panels) if panels else None
 
-    def site(r: dict) -> str:
-        return str(r["sites"][0])
 
-    def eps(r: dict) -> float | None:
-        return _number(r.get("epsilon"))
-
+def _panel_keys(results: dict) -> dict[str, list[str]]:
+    """The metric keys behind each by-layer panel: the clean metric, held-out robustness, trojan ASR."""
     clean = _clean_metric(results)
-    keys = {
+    return {
         "clean": [clean.key] if clean else [],
         "heldout": _group_keys(results, "heldout"),
         "trojan": _group_keys(results, "trojan"),
     }
-    names = {
-        "clean": clean.label if clean else "clean",
-        "heldout": "mean held-out robustness",
-        "trojan": "mean trojan ASR",
-    }
-    available = [g for g in ("heldout", "trojan", "clean") if keys[g]]
-    if not available:
-        return None
-    main = available[0]
-    kinds = [k for k in LAYER_KINDS if any(r.get("kind") == k for r in recs)]
-    multi_eps = {
-        kind: any(
-            len({eps(r) for r in recs if r.get("kind") == kind and site(r) == layer}) > 1 for layer in layers
-        )
-        for kind in kinds
-    }
-    epsilons = sorted({eps(r) for r in recs}, key=lambda e: (e is None, e or 0.0))
 
-    def series(group: str, kind: str, label: str, only_eps: list[float | None]) -> _Series | None:
-        out = _Series(label=label, group=group, kind=kind)
-        for layer in layers:
-            chosen = [r for r in recs if r.get("kind") == kind and site(r) == layer and eps(r) in only_eps]
-            vals = [v for v in (_group_mean(r, keys[group]) for r in chosen) if v is not None]
+
+def _reference_levels(results: dict, group: str) -> list[tuple[str, float]]:
+    """Mean over seeds of a panel's metric for ``none`` and ``clean``: horizontal reference lines."""
+    keys = _panel_keys(results)[group]
+    levels = []
+    for defense in _defenses(results):
+        recs = [r for r in _records(results) if str(r.get("defense")) == defense]
+        if recs[0].get("kind") in ("none", "clean"):
+            vals = [v for v in (_group_mean(r, keys) for r in recs) if v is not None]
             if vals:
-                s = _stats(vals)
-                out.points[layer] = (s["mean"], s["std"])
-        return out if out.points else None
-
-    lines: list[_Series] = []
-    for kind in kinds:
-        tag = f" ({kind})" if len(kinds) > 1 else ""
-        for group in ("clean", "heldout", "trojan"):
-            if not keys[group]:
-                continue
-            if multi_eps[kind] and group == main:
-                for rank, e in enumerate(epsilons):
-                    text = "ε=?" if e is None else f"ε={e:g}"
-                    line = series(group, kind, f"{names[group]}, {text}{tag}", [e])
-                    if line is not None:
-                        line.epsilon_rank = rank
-                        lines.append(line)
-            else:
-                pooled = " (pooled over ε)" if multi_eps[kind] else ""
-                line = series(group, kind, f"{names[group]}{pooled}{tag}", epsilons)
-                if line is not None:
-                    lines.append(line)
-    return (layers, lines) if lines else None
+                levels.append((defense, statistics.fmean(vals)))
+    return levels
 
 
 def plot_by_layer(results: dict, path: Path) -> Path | None:
     """Plot metrics against the perturbed layer for single-site LAT/RLAT runs; ``None`` if < 2 layers.
 
-    x follows ``layer_order`` (unknown layers appended); each point is mean ± std over seeds.
+    One panel per metric (clean, mean held-out robustness, mean trojan ASR); x follows ``layer_order``
+    (unknown layers appended); one line per kind and ε (colour: ε, line style: kind), each point mean ± std
+    over seeds; the ``none`` and ``clean`` defenses are drawn as horizontal reference lines.
     """
     prepared = _layer_series(results)
     if prepared is None:
         return None
-    layers, lines = prepared
+    layers, panels = prepared
     import matplotlib as mpl
 
-    n_eps = 1 + max((s.epsilon_rank or 0) for s in lines)
+    epsilons = sorted({s.epsilon for lines in panels.values() for s in lines if s.epsilon is not None})
     shades = mpl.colormaps["viridis"]
-    fig = _new_figure(max(9.0, 1.2 * len(layers) + 6.0), 5.0)
-    ax = fig.add_subplot()
+
+    def colour(epsilon: float | None) -> Any:
+        if epsilon is None:
+            return _OTHER_STYLE[0]
+        return shades(0.1 + 0.75 * epsilons.index(epsilon) / max(1, len(epsilons) - 1))
+
+    clean = _clean_metric(results)
+    titles = {
+        "clean": f"{clean.label if clean else 'clean'}{clean.arrow if clean else ''}",
+        "heldout": "mean held-out robust accuracy ↑",
+        "trojan": "mean trojan ASR ↓",
+    }
     markers = {"clean": "o", "heldout": "s", "trojan": "v"}
-    for s in lines:
-        xs = [layers.index(layer) for layer in s.points]
-        means = [m for m, _ in s.points.values()]
-        stds = [sd for _, sd in s.points.values()]
-        if s.epsilon_rank is not None:
-            colour = shades(0.15 + 0.7 * s.epsilon_rank / max(1, n_eps - 1))
-        else:
-            colour = _METRIC_COLOURS[s.group]
-        style = _KIND_LINESTYLE.get(s.kind, "-")
-        ax.errorbar(
-            xs,
-            means,
-            yerr=stds,
-            color=colour,
-            marker=markers[s.group],
-            linestyle=style,
-            capsize=3,
-            label=s.label,
-        )
-    ax.set_xticks(range(len(layers)), layers)
-    ax.set_xlabel("perturbed layer (input → output)")
-    ax.set_ylabel("value (clean & robustness ↑, ASR ↓)")
-    all_values = [m for s in lines for m, _ in s.points.values()]
-    if all(0.0 <= v <= 1.0 for v in all_values):
-        ax.set_ylim(-0.03, 1.03)
-    ax.set_title(f"{results.get('name', 'run')}: metric by LAT layer (mean ± std over seeds)", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a point
+    fig = _new_figure(max(11.0, 1.2 * len(layers) * len(panels) + 3.0), 4.5)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (group, lines) in zip(axes, panels.items(), strict=True):
+        for s in lines:
+            ax.errorbar(
+                [layers.index(layer) for layer in s.points],
+                [m for m, _ in s.points.values()],
+                yerr=[sd for _, sd in s.points.values()],
+                color=colour(s.epsilon),
+                marker=markers[group],
+                linestyle=_KIND_LINESTYLE.get(s.kind, "-"),
+                capsize=3,
+                label=s.label,
+            )
+        for defense, level in _reference_levels(results, group):
+            ref_colour = _KIND_STYLE["none"][0] if defense == "none" else "black"
+            ax.axhline(level, color=ref_colour, linestyle=":", linewidth=1.2, label=f"{defense} (reference)")
+        ax.set_xticks(range(len(layers)), layers)
+        ax.set_xlabel("perturbed layer (input → output)")
+        ax.set_title(titles[group], fontsize=10)
+        ax.grid(True, alpha=0.3)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a point
+    fig.suptitle(f"{results.get('name', 'run')}: metric by LAT layer (mean ± std over seeds)", fontsize=10)
     return _save_png(fig, path)
 
 
@@ -604,6 +658,67 @@ def _results_section(results: dict, summary: dict[str, dict[str, dict[str, float
     return [*lines, ""]
 
 
+# Statistics of a held-out attack run shown beside its score, when the task reports them: label, digits.
+ATTACK_STATS = {
+    "success_rate": ("success rate", 3),
+    "avg_queries": ("avg queries", 1),
+    "avg_words_changed": ("words changed", 2),
+    "avg_perturbed_word_fraction": ("fraction of words changed", 3),
+    "clean_accuracy": ("clean acc. on subset", 3),
+    "examples": ("examples", 0),
+    "seconds": ("seconds", 1),
+}
+
+
+def _attack_stats_section(results: dict) -> list[str]:
+    """Per held-out attack: how it fared against each defense (mean ± std over seeds), plus one sample."""
+    records = _records(results)
+    attacks = list(dict.fromkeys(a for r in records for a in r.get("heldout_details") or {}))
+    if not attacks:
+        return []
+    lines = [
+        "## Held-out attack statistics",
+        "",
+        "Success rate counts examples the model got right before the attack and wrong after it; queries"
+        " and words changed are averaged over successful attacks.",
+        "",
+    ]
+    for attack in attacks:
+        details = {
+            d: [
+                r["heldout_details"][attack]
+                for r in records
+                if r["defense"] == d and attack in (r.get("heldout_details") or {})
+            ]
+            for d in _defenses(results)
+        }
+        found = [x for ds in details.values() for x in ds]
+        keys = [k for k in ATTACK_STATS if any(_number(x.get(k)) is not None for x in found)]
+        rows = []
+        for defense, runs in details.items():
+            row = [defense]
+            for key in keys:
+                values = [v for x in runs if (v := _number(x.get(key))) is not None]
+                row.append(_fmt_stat(_stats(values), len(runs), ATTACK_STATS[key][1]) if values else "–")
+            rows.append(row)
+        lines += [f"**{attack}**", "", *_table(["Defense", *(ATTACK_STATS[k][0] for k in keys)], rows), ""]
+        sampled = next(
+            ((d, runs[0]["samples"][0]) for d, runs in details.items() if runs and runs[0].get("samples")),
+            None,
+        )
+        if sampled:
+            defense, sample = sampled
+            lines += [
+                f"A successful edit against `{defense}`:",
+                "",
+                f"> {_cell(sample.get('original', ''))}",
+                ">",
+                f"> → {_cell(sample.get('perturbed', ''))}",
+                "",
+            ]
+    return lines
+
+
 def _sanity_section(results: dict) -> list[str]:
     records = _records(results)
     checks = list(dict.fromkeys(k for r in records for k in (r.get("sanity") or {})))
@@ -747,6 +862,7 @@ def render_markdown(results: dict, plots: Sequence[str | Path] | None = None) ->
         _heldout_section(results),
         _trojan_section(results),
         _results_section(results, summary),
+        _attack_stats_section(results),
         _sanity_section(results),
         _calibration_section(results),
         _timing_section(results),

@@ -97,6 +97,11 @@ class Task(Protocol):
         """Robust score of ``model`` under held-out attack ``name``."""
         ...
 
+    def heldout_details(self) -> dict[str, dict[str, Any]]:
+        """Statistics of the last run of each held-out attack beyond its score (success rate, queries,
+        words changed, sample edits), as JSON-able dicts; ``{}`` when the attacks report only a score."""
+        ...
+
 
 def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from latentguard.config import validate_section
 from latentguard.domains.base import HeldoutAttack, TrojanInfo
-from latentguard.domains.image.attacks import ImageAttackSpec, run_attack
+from latentguard.domains.image.attacks import AttackOutcome, ImageAttackSpec, run_attack
 from latentguard.domains.image.data import CLASS_NAMES, DEFAULT_DATA_DIR, load_fashion_mnist
 from latentguard.domains.image.model import STAGES, ResNetCNN
 from latentguard.domains.image.trojans import ImageTrojan, attack_success_rate, poison
@@ -82,6 +83,7 @@ class ImageTask:
         self.seed = seed
         self.device = torch.device(device)
         self.io = ClassifierIO()
+        self._details: dict[str, AttackOutcome] = {}
         images, labels = _load(config.data_dir, "train")
         order = torch.randperm(TRAIN_POOL, generator=torch.Generator().manual_seed(seed))
         base = order[: config.base_train_size]
@@ -186,4 +188,9 @@ class ImageTask:
     def run_heldout(self, model: nn.Module, name: str, seed: int) -> float:
         spec = self.attacks[name]
         outcome = run_attack(model, self.test_images, self.test_labels, spec, seed=seed, device=self.device)
+        self._details[name] = outcome
         return outcome.robust_accuracy
+
+    def heldout_details(self) -> dict[str, dict[str, Any]]:
+        """The last outcome of each attack: accuracy on its subset before and under attack, and its time."""
+        return {name: asdict(outcome) for name, outcome in self._details.items()}
