@@ -751,6 +751,59 @@ def _sanity_section(results: dict) -> list[str]:
     return lines
 
 
+def _entrenchment_section(results: dict) -> list[str]:
+    """Each defense's trojan ASR minus the undefended model's, paired by seed (both start from its base)."""
+    kinds = _kinds(results)
+    reference = next((d for d in _defenses(results) if kinds.get(d) == "none"), None)
+    trojans = [m for m in _metrics(results) if m.group == "trojan"]
+    if reference is None or not trojans:
+        return []
+
+    def by_seed(defense: str, key: str) -> dict[Any, float]:
+        values = {}
+        for r in _records(results):
+            value = _number((r.get("metrics") or {}).get(key))
+            if str(r.get("defense")) == defense and value is not None:
+                values[r.get("seed")] = value
+        return values
+
+    rows, above_reference = [], []
+    for defense in _defenses(results):
+        if defense == reference:
+            continue
+        row = [defense]
+        for m in trojans:
+            base, mine = by_seed(reference, m.key), by_seed(defense, m.key)
+            diffs = [value - base[seed] for seed, value in mine.items() if seed in base]
+            if not diffs:
+                row.append("–")
+                continue
+            stat = _stats(diffs)
+            text = f"{stat['mean']:+.3f} ± {stat['std']:.3f} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
+            if stat["mean"] > 0:
+                text = f"**{text}**"
+                above_reference.append(f"{defense} ({m.label})")
+            row.append(text)
+        rows.append(row)
+    verdict = (
+        f"**Mean ASR above the undefended model's:** {', '.join(above_reference)}."
+        if above_reference
+        else f"No defense has a mean ASR above `{reference}`'s on any trojan."
+    )
+    return [
+        "## Entrenchment",
+        "",
+        f"Trojan ASR minus that of `{reference}` (the undefended model of the same seed): mean ± sample std"
+        " of the per-seed differences, then in how many seeds the defense's ASR was higher. A positive mean"
+        " (bold) means the defense left that trojan stronger than no defense at all.",
+        "",
+        *_table(["Defense", *(f"{m.label} − {reference}" for m in trojans)], rows),
+        "",
+        verdict,
+        "",
+    ]
+
+
 def _calibration_section(results: dict) -> list[str]:
     lines = ["## Calibration", ""]
     per: dict[tuple[str, str], dict[str, list[float]]] = {}
@@ -862,6 +915,7 @@ def render_markdown(results: dict, plots: Sequence[str | Path] | None = None) ->
         _heldout_section(results),
         _trojan_section(results),
         _results_section(results, summary),
+        _entrenchment_section(results),
         _attack_stats_section(results),
         _sanity_section(results),
         _calibration_section(results),
