@@ -147,3 +147,17 @@ def test_entrenchment_pairs_each_seed_with_the_undefended_model() -> None:
     assert "**+0.003 ± 0.075 (1/3)**" in clean_row  # differences +0.09, -0.04, -0.04
     assert "above the undefended model's:** clean (ASR patch)." in section
     assert "| none |" not in section
+
+
+def test_pareto_section_lists_only_non_dominated_defenses() -> None:
+    results = sweep_results()
+    for record in results["records"]:
+        if record["defense"] == "lat@block1:eps=1":
+            record["metrics"]["clean_accuracy"] -= 0.05  # same robustness as at:eps=1, lower clean accuracy
+    section = _section(render_markdown(results), "Pareto fronts")
+    heldout = next(
+        line for line in section.splitlines() if line.startswith("**clean accuracy vs mean held-out")
+    )
+    assert "`at:eps=1` (0.860, 0.340)" in heldout  # clean: 0.85 + 0.01 * seed over seeds 0..2
+    assert "lat@block1:eps=1`" not in heldout
+    assert any(line.startswith("**clean accuracy vs mean trojan ASR") for line in section.splitlines())

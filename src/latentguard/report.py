@@ -804,6 +804,28 @@ def _entrenchment_section(results: dict) -> list[str]:
     ]
 
 
+def _pareto_section(results: dict) -> list[str]:
+    """The defenses no other defense beats on both clean metric and robustness (or trojan ASR), by mean."""
+    clean = _clean_metric(results)
+    lines = ["## Pareto fronts", ""]
+    for group, what in (("heldout", "mean held-out robust accuracy"), ("trojan", "mean trojan ASR")):
+        points, higher = _pareto_points(results, group), _direction(results, group)
+        if clean is None or len(points) < 2 or higher is None:
+            continue
+        front = _pareto_front(points, higher)
+        listed = ", ".join(f"`{p.defense}` ({p.x:.3f}, {p.y:.3f})" for p in front)
+        lines += [f"**{clean.label} vs {what}** (means over seeds): {listed}.", ""]
+    if len(lines) == 2:
+        return []
+    return [
+        *lines[:2],
+        "Defenses on the front, by increasing clean metric: no other defense has a mean at least as good on"
+        " both axes and better on one. Means only: compare the gaps with the standard deviations above.",
+        "",
+        *lines[2:],
+    ]
+
+
 def _calibration_section(results: dict) -> list[str]:
     lines = ["## Calibration", ""]
     per: dict[tuple[str, str], dict[str, list[float]]] = {}
@@ -916,6 +938,7 @@ def render_markdown(results: dict, plots: Sequence[str | Path] | None = None) ->
         _trojan_section(results),
         _results_section(results, summary),
         _entrenchment_section(results),
+        _pareto_section(results),
         _attack_stats_section(results),
         _sanity_section(results),
         _calibration_section(results),
