@@ -4,7 +4,7 @@ The Python API in one place: threats, the PGD attack, the trainer and the evalua
 (``latentguard run``) builds the same objects from a YAML config.
 """
 
-from latentguard.engine.attack import AttackResult, LatentAttack, PGDConfig, Targeted, untargeted
+from latentguard.engine.attack import AttackResult, LatentAttack, PGDConfig, Targeted, TowardAway, untargeted
 from latentguard.engine.io import ClassifierIO, ModelIO
 from latentguard.engine.site import Intervention, frozen
 from latentguard.engine.threat import Threat
@@ -24,6 +24,7 @@ __all__ = [
     "PGDConfig",
     "Targeted",
     "Threat",
+    "TowardAway",
     "TrainConfig",
     "TrainResult",
     "Trainer",

@@ -170,7 +170,6 @@ class TextGenerationTask:
         self.base_set = self._base_set(answers["base"])
         self.defense_set = self._paired("defense", answers["defense"])
         self.test_set = self._paired("test", answers["test"])
-        self.test_answers = answers["test"]
 
     @classmethod
     def from_config(
