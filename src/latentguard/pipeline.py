@@ -3,6 +3,9 @@
 Each unit of work (a seed's base model, a defense's training, an evaluation) writes its output atomically
 in the run folder when it finishes; a rerun with ``--resume`` skips finished units and continues an
 unfinished training from its last checkpoint.
+
+Under ``accelerate launch`` every process trains each unit together; only the main process writes the run
+folder, and it evaluates and reports alone once everything is trained (the other processes then exit).
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ from torch import nn
 from latentguard.config import DefenseSpec, RunConfig, dump_config, load_config
 from latentguard.domains import build_task
 from latentguard.domains.base import Task, resolve_device
+from latentguard.engine.distributed import (
+    from_main,
+    is_main_process,
+    num_processes,
+    process_device,
+    wait_for_everyone,
+)
 from latentguard.engine.site import resolve_module
 from latentguard.engine.trainer import DefenseConfig, Trainer
 from latentguard.errors import ConfigError
@@ -89,7 +99,7 @@ class Pipeline:
             torch.set_num_threads(config.threads)
         self.config = config
         self.run_dir = run_dir
-        self.device = resolve_device(config.device)
+        self.device = process_device(resolve_device(config.device))
         tb = run_dir / "tensorboard" if config.tensorboard else None
         self.log = MetricLog(run_dir / "metrics.jsonl", tb)
         self.input_site = self.task(config.seeds[0]).input_site
@@ -110,11 +120,13 @@ class Pipeline:
         if path.exists():
             load_model(path, model)
             return model
+        # Accelerate fixes mixed precision once per process: the base model trains as the defenses do.
+        precision = {"mixed_precision": self.config.training.mixed_precision}
         trainer = Trainer(
             model,
             task.io,
             DefenseConfig(kind="clean"),
-            task.base_training(self.config.batch_size),
+            task.base_training(self.config.batch_size).model_copy(update=precision),
             device=self.device,
             checkpoint=self.seed_dir(seed) / "base.checkpoint.safetensors",
             log=self.log.writer(f"seed-{seed}/base"),
@@ -122,11 +134,13 @@ class Pipeline:
             description=f"seed {seed} implant trojans",
         )
         result = trainer.fit(task.base_loader(self.config.batch_size))
-        save_model(path, model, {"seed": seed, "steps": result.steps})
-        atomic_write_json(
-            self.seed_dir(seed) / "base.json", {"seconds": result.seconds, "steps": result.steps}
-        )
-        (self.seed_dir(seed) / "base.checkpoint.safetensors").unlink(missing_ok=True)
+        if is_main_process():
+            save_model(path, model, {"seed": seed, "steps": result.steps})
+            atomic_write_json(
+                self.seed_dir(seed) / "base.json", {"seconds": result.seconds, "steps": result.steps}
+            )
+            (self.seed_dir(seed) / "base.checkpoint.safetensors").unlink(missing_ok=True)
+        wait_for_everyone()  # no process may look for the file before it is there
         return model
 
     def train_defense(self, task: Task, seed: int, defense: DefenseSpec) -> nn.Module:
@@ -153,21 +167,24 @@ class Pipeline:
             description=f"seed {seed} {defense.name}",
         )
         result = trainer.fit(task.defense_loader(self.config.batch_size))
-        save_model(final, base, {"seed": seed, "defense": defense.name})
-        calibration = {
-            site: {"mean_norm": result.unit_sizes.get(site, 0.0), "epsilon_abs": radius}
-            for site, radius in result.radii.items()
-        }
-        atomic_write_json(
-            folder / "train.json",
-            {
-                "seconds": result.seconds,
-                "steps": result.steps,
-                "skipped": result.skipped,
-                "calibration": calibration,
-            },
-        )
-        (folder / "checkpoint.safetensors").unlink(missing_ok=True)
+        if is_main_process():
+            save_model(final, base, {"seed": seed, "defense": defense.name})
+            calibration = {
+                site: {"mean_norm": result.unit_sizes.get(site, 0.0), "epsilon_abs": radius}
+                for site, radius in result.radii.items()
+            }
+            atomic_write_json(
+                folder / "train.json",
+                {
+                    "seconds": result.seconds,
+                    "steps": result.steps,
+                    "skipped": result.skipped,
+                    "processes": trainer.accelerator.num_processes,
+                    "calibration": calibration,
+                },
+            )
+            (folder / "checkpoint.safetensors").unlink(missing_ok=True)
+        wait_for_everyone()
         return base
 
     def train(self) -> None:
@@ -319,26 +336,46 @@ def run(
     if config.threads:
         torch.set_num_threads(config.threads)
     preflight(config)
+    process_device(resolve_device(config.device))  # joins the launcher's processes (if any) on that device
     if resume:
         assert run_dir is not None
     else:
-        run_dir = start_run(config, run_dir)
+        run_dir = _start_everywhere(config, run_dir)
     pipeline = Pipeline(config, run_dir)
     try:
-        if train_only:
-            pipeline.train()
-        else:
-            pipeline.evaluate()  # trains each model just before evaluating it: results land unit by unit
-            pipeline.report()
-        pipeline.log.write({"phase": "run", "wall_seconds": time.perf_counter() - start})
+        _train_evaluate_report(pipeline, train_only=train_only)
+        if is_main_process():
+            pipeline.log.write({"phase": "run", "wall_seconds": time.perf_counter() - start})
     finally:
         pipeline.log.close()
     return run_dir
 
 
+def _start_everywhere(config: RunConfig, run_dir: Path | None) -> Path:
+    """The main process creates the run folder; every process learns its name."""
+    made: Path | None = None
+    try:
+        if is_main_process():
+            made = start_run(config, run_dir)
+    finally:
+        made = from_main(made)  # also when the main process failed, so the others do not wait forever
+    if made is None:
+        raise ConfigError("the main process could not create the run folder (its error says why)")
+    return made
+
+
+def _train_evaluate_report(pipeline: Pipeline, *, train_only: bool = False, force: bool = False) -> None:
+    """Alone, each model is evaluated right after training (results land unit by unit); under a launcher
+    all processes train everything together, then the main process evaluates and reports alone."""
+    if train_only or num_processes() > 1:
+        pipeline.train()
+    if not train_only and is_main_process():
+        pipeline.evaluate(force=force)
+        pipeline.report()
+
+
 def reevaluate(run_dir: Path) -> Path:
     """Evaluate a run folder's trained models again and rewrite its report."""
     pipeline = Pipeline(resume_config(run_dir), run_dir)
-    pipeline.evaluate(force=True)
-    pipeline.report()
+    _train_evaluate_report(pipeline, force=True)
     return run_dir

@@ -5,6 +5,10 @@
 (targeted LAT, Sheshadri et al. 2024) on a latent adversary that pulls toward an undesired output and away
 from the desired one, while the model learns the desired output and unlearns the undesired one under it.
 The loss is taken on the perturbed forward plus optional weighted clean (SFT) and KL-to-reference terms.
+
+The loop runs on Hugging Face Accelerate: alone it behaves as a plain PyTorch loop; under
+``accelerate launch`` each process trains on its share of every batch (DDP averages the gradients), attacks
+its own share with hooks on the unwrapped model, and only the main process logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ from latentguard.engine.attack import (
     TowardAway,
     unlikelihood,
     untargeted,
+)
+from latentguard.engine.distributed import (
+    MixedPrecision,
+    build_accelerator,
+    everywhere,
+    mean_over_processes,
+    process_device,
 )
 from latentguard.engine.io import DivergenceIO, ModelIO, PairedIO
 from latentguard.engine.site import Intervention
@@ -115,6 +126,12 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(0, ge=0, description="0 = only at the end")
     checkpoint_every: int = Field(0, ge=0, description="0 = never mid-run")
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="batches per optimizer step (a step's batch is batch_size × this)"
+    )
+    mixed_precision: MixedPrecision | None = Field(
+        None, description="no, fp16 or bf16 autocast; unset: as accelerate launch says (default no)"
+    )
 
 
 @dataclass
@@ -180,7 +197,11 @@ class Trainer:
         self.io = io
         self.defense = defense
         self.config = config or TrainConfig()
-        self.device = torch.device(device)
+        self.device = process_device(torch.device(device))
+        self.accelerator = build_accelerator(
+            self.device, self.config.mixed_precision, self.config.gradient_accumulation_steps
+        )
+        self.wrapped = model  # what the training forward calls: the DDP/FSDP wrapper once fit has begun
         self.checkpoint = checkpoint
         self.log = log
         self.evaluate = evaluate
@@ -208,7 +229,7 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        if self.checkpoint is None:
+        if self.checkpoint is None or not self.accelerator.is_main_process:
             return
         tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         optim_state = self.optimizer.state_dict()
@@ -297,30 +318,35 @@ class Trainer:
         return self.attack(self.model, self.io, batch)
 
     def train_step(self, batch: Any) -> dict[str, float] | None:
-        """One optimisation step; returns its metrics, or ``None`` when a non-finite batch was skipped."""
+        """One batch: forward, backward and, when gradients are due (every ``gradient_accumulation_steps``
+        batches, inside ``accelerator.accumulate``), the optimizer step; returns the batch's metrics, or
+        ``None`` when a non-finite batch was skipped (in every process: they decide together)."""
         self.model.train()
         terms: dict[str, Tensor] = {}
         stats: dict[str, float] = {}
         sft = self.defense.kind == "clean" or self.defense.clean_weight > 0
         if sft or self.defense.kl_weight > 0:
-            clean_output = self.io.forward(self.model, batch)
+            clean_output = self.io.forward(self.wrapped, batch)
             if sft:
                 terms["clean"] = self.io.loss(clean_output, batch).mean()
             if self.defense.kl_weight > 0:
                 terms["kl"] = self._kl(clean_output, batch)
         if self.attack is not None:
+            failure: NonFiniteError | None = None
             try:
                 attack = self._perturbation(batch)
             except NonFiniteError as exc:
                 if self.config.on_nonfinite == "stop":
                     raise
-                return self._nonfinite(f"attack ({exc})")
+                failure = exc
+            if not everywhere(self.accelerator, failure is None):
+                return self._nonfinite(f"attack ({failure or 'in another process'})")
             with Intervention(self.model, self.attack.sites) as hooks:
                 hooks.deltas = attack.deltas
-                output = self.io.forward(self.model, batch)
+                output = self.io.forward(self.wrapped, batch)
                 if self.defense.kind == "tlat" and self.defense.undesired_weight > 0:
                     other = self._paired().undesired(batch)
-                    nll = self.io.loss(self.io.forward(self.model, other), other)
+                    nll = self.io.loss(self.io.forward(self.wrapped, other), other)
                     terms["undesired"] = unlikelihood(nll).mean()
             hooks.check_fired()
             terms["adversarial"] = self.io.loss(output, batch).mean()
@@ -334,18 +360,17 @@ class Trainer:
         }
         loss = sum(weights[name] * value for name, value in terms.items())
         assert isinstance(loss, Tensor)
-        if not torch.isfinite(loss):
+        if not everywhere(self.accelerator, bool(torch.isfinite(loss))):
             return self._nonfinite("loss")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.accelerator.backward(loss)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and not all(torch.isfinite(g).all() for g in grads):
-            self.optimizer.zero_grad(set_to_none=True)
+        if not everywhere(self.accelerator, all(bool(torch.isfinite(g).all()) for g in grads)):
             return self._nonfinite("gradient")
-        if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        if self.config.grad_clip and self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(self.wrapped.parameters(), self.config.grad_clip)
+        self.optimizer.step()  # prepared by fit: steps (and zeroes) only when the accumulated step is due
         self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
         stats.update({f"loss/{name}": float(value.detach()) for name, value in terms.items()})
         stats["loss"] = float(loss.detach())
         stats["lr"] = float(self.schedule.get_last_lr()[0])
@@ -356,11 +381,16 @@ class Trainer:
         message = f"non-finite {what} at step {self.step} (defense {self.defense.kind}, site {where})"
         if self.config.on_nonfinite == "stop":
             raise NonFiniteError(message + "; set training.on_nonfinite=skip to skip such batches")
+        self.model.zero_grad(set_to_none=True)  # also drops what this step accumulated so far
         return None
 
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self, loader: Iterable[Any], *, resume: bool = True) -> TrainResult:
-        """Train for ``config.steps`` steps (continuing a checkpoint when ``resume``)."""
+        """Train for ``config.steps`` optimizer steps (continuing a checkpoint when ``resume``).
+
+        A ``DataLoader`` is split across processes (``batch_size`` is the global batch); logged metrics and
+        ``evaluate``'s results are averaged over the processes.
+        """
         start = time.perf_counter()
         result = TrainResult(steps=0, seconds=0.0)
         self.model.to(self.device)
@@ -368,33 +398,48 @@ class Trainer:
             return result
         if resume:
             self.load_checkpoint()
-        batches = cycle(loader, skip=self.step)
+        if self.wrapped is self.model:
+            self.wrapped, self.optimizer, self.schedule = self.accelerator.prepare(
+                self.model, self.optimizer, self.schedule
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        accumulation = self.config.gradient_accumulation_steps
+        batches = cycle(self.accelerator.prepare(loader), skip=self.step * accumulation)
         bar = tqdm(
             total=self.config.steps,
             initial=self.step,
             desc=self.description,
-            disable=not self.progress,
+            disable=not (self.progress and self.accelerator.is_main_process),
             leave=False,
             dynamic_ncols=True,
         )
+        done: list[dict[str, float]] = []  # metrics of the batches of the current optimizer step
         try:
             while self.step < self.config.steps:
                 batch = self.io.to_device(next(batches), self.device)
                 if self.attack is not None and self.step == 0 and not self.attack.unit_sizes:
-                    self.attack.calibrate(self.model, self.io, batch)
-                stats = self.train_step(batch)
-                self.step += 1
-                bar.update(1)
+                    sizes = self.attack.calibrate(self.model, self.io, batch)
+                    self.attack.unit_sizes.update(mean_over_processes(self.accelerator, sizes))
+                with self.accelerator.accumulate(self.wrapped):
+                    stats = self.train_step(batch)
                 if stats is None:
                     result.skipped += 1
+                else:
+                    done.append(stats)
+                if not self.accelerator.sync_gradients:
                     continue
+                self.step += 1
+                bar.update(1)
+                if not done:
+                    continue
+                stats, done = {key: sum(s[key] for s in done) / len(done) for key in done[0]}, []
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                    stats = mean_over_processes(self.accelerator, stats)
                     bar.set_postfix(loss=f"{stats['loss']:.3f}")
                     self._emit({"step": self.step, **stats})
                 if self.evaluate and self.config.eval_every and self.step % self.config.eval_every == 0:
-                    self._emit(
-                        {"step": self.step, **{f"eval/{k}": v for k, v in self.evaluate(self.model).items()}}
-                    )
+                    metrics = mean_over_processes(self.accelerator, self.evaluate(self.model))
+                    self._emit({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
         finally:
@@ -408,7 +453,7 @@ class Trainer:
         return result
 
     def _emit(self, record: dict[str, Any]) -> None:
-        if self.log is not None:
+        if self.log is not None and self.accelerator.is_main_process:
             self.log(record)
 
 
