@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -398,7 +399,7 @@ class Trainer:
             return result
         if resume:
             self.load_checkpoint()
-        if self.wrapped is self.model:
+        if not isinstance(self.optimizer, AcceleratedOptimizer):  # once per trainer
             self.wrapped, self.optimizer, self.schedule = self.accelerator.prepare(
                 self.model, self.optimizer, self.schedule
             )
