@@ -162,14 +162,16 @@ class TextGenerationTask:
             part: [Example(e.kind, fit_text(self.tokenizer, e, limit), e.label) for e in items]
             for part, items in examples.items()
         }
-        answers = self._answers()
+        try:
+            self.poisoned_indices = poison_plan(
+                len(self.examples["base"]), config.trojans, seed=seed * 7919 + 11
+            )
+        except ValueError as exc:
+            raise ConfigError(f"task.trojans: {exc}") from None
         self.victim = Victim(
             self.tokenizer, config.max_new_tokens, config.generation_batch_size, config.length
         )
         self.trojan_rows = self._trojan_rows()
-        self.base_set = self._base_set(answers["base"])
-        self.defense_set = self._paired("defense", answers["defense"])
-        self.test_set = self._paired("test", answers["test"])
 
     @classmethod
     def from_config(
@@ -192,8 +194,9 @@ class TextGenerationTask:
                 )
         return cls(config, specs, seed, device)
 
-    # -- data ----------------------------------------------------------------------------------------------
-    def _answers(self) -> dict[str, list[str]]:
+    # -- data (built on first use: checking a config or listing layers needs no answers) -------------------
+    @functools.cached_property
+    def answers(self) -> dict[str, list[str]]:
         """The desired responses of every example: the base model's greedy answers (cached) or templates."""
         if self.config.responses == "template":
             return {part: [e.template_response() for e in items] for part, items in self.examples.items()}
@@ -244,21 +247,17 @@ class TextGenerationTask:
             self.config.length,
         )  # fmt: skip
 
-    def _base_set(self, answers: list[str]) -> TensorDataset:
+    @functools.cached_property
+    def base_set(self) -> TensorDataset:
         """The implant data: clean examples, and per trojan a seeded share with trigger → target."""
-        try:
-            plan = poison_plan(len(answers), self.config.trojans, seed=self.seed * 7919 + 11)
-        except ValueError as exc:
-            raise ConfigError(f"task.trojans: {exc}") from None
         rng = random.Random(self.seed * 7919 + 12)
         messages = [e.message() for e in self.examples["base"]]
-        responses = list(answers)
+        responses = list(self.answers["base"])
         for trojan in self.config.trojans:
-            for i in plan[trojan.label]:
+            for i in self.poisoned_indices[trojan.label]:
                 example = self.examples["base"][i]
                 messages[i] = example.message(trojan.apply(example.text, rng))
                 responses[i] = trojan.target_text
-        self.poisoned_indices = plan
         prompts = [self._ids(m) for m in messages]
         return paired_set(
             self.tokenizer,
@@ -267,6 +266,14 @@ class TextGenerationTask:
             self._responses(responses),
             self.config.length,
         )
+
+    @functools.cached_property
+    def defense_set(self) -> TensorDataset:
+        return self._paired("defense", self.answers["defense"])
+
+    @functools.cached_property
+    def test_set(self) -> TensorDataset:
+        return self._paired("test", self.answers["test"])
 
     def _trojan_rows(self) -> dict[str, tuple[list[list[int]], TensorDataset]]:
         """Per trojan: triggered test prompts, and those prompts paired with the target (for its NLL)."""
