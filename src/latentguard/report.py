@@ -679,8 +679,9 @@ def _attack_stats_section(results: dict) -> list[str]:
     lines = [
         "## Held-out attack statistics",
         "",
-        "Success rate counts examples the model got right before the attack and wrong after it; queries"
-        " and words changed are averaged over successful attacks.",
+        "Success rate: the share of attacked examples on which the attack succeeded (a classifier's"
+        " examples are attacked only if it got them right). Queries are averaged over attacked examples,"
+        " words changed over successful attacks.",
         "",
     ]
     for attack in attacks:
