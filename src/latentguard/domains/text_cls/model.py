@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from latentguard.domains.hf_sites import block_names, input_site_of
 from latentguard.errors import ConfigError, DataError
 
 MINILM = "minilm"
@@ -205,26 +206,6 @@ def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[Tenso
         list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
     )
     return encoded["input_ids"], encoded["attention_mask"]
-
-
-def input_site_of(model: nn.Module) -> str:
-    """The dotted name of the token-embedding module (``bert.embeddings.word_embeddings`` for BERT)."""
-    embeddings = model.get_input_embeddings()  # type: ignore[operator]
-    for name, module in model.named_modules():
-        if module is embeddings:
-            return name
-    raise ConfigError(f"task.model: {type(model).__name__}'s input embeddings are not one of its submodules")
-
-
-def block_names(model: nn.Module) -> tuple[str, ...]:
-    """The encoder blocks: the items of the longest ``ModuleList`` (``bert.encoder.layer.0`` …)."""
-    best: tuple[str, ...] = ()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best):
-            best = tuple(f"{name}.{i}" for i in range(len(module)))
-    if not best:
-        raise ConfigError(f"task.model: found no list of encoder blocks in {type(model).__name__}")
-    return best
 
 
 def describe_sites(

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from latentguard.domains.hf_sites import block_names, input_site_of
 from latentguard.errors import ConfigError, DataError
 
 SMOLLM2 = "smollm2"
@@ -299,26 +300,6 @@ def with_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
         return inject_adapter_in_model(config, model)
     except ValueError as exc:
         raise ConfigError(f"task.lora.targets: {exc}") from None
-
-
-def input_site_of(model: nn.Module) -> str:
-    """The dotted name of the token-embedding module (``model.embed_tokens`` for Llama)."""
-    embeddings = model.get_input_embeddings()  # type: ignore[operator]
-    for name, module in model.named_modules():
-        if module is embeddings:
-            return name
-    raise ConfigError(f"task.model: {type(model).__name__}'s input embeddings are not one of its submodules")
-
-
-def block_names(model: nn.Module) -> tuple[str, ...]:
-    """The decoder blocks: the items of the longest ``ModuleList`` (``model.layers.0`` …)."""
-    best: tuple[str, ...] = ()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best):
-            best = tuple(f"{name}.{i}" for i in range(len(module)))
-    if not best:
-        raise ConfigError(f"task.model: found no list of decoder blocks in {type(model).__name__}")
-    return best
 
 
 def describe_sites(path: Path | None, spec: TinyLlamaSpec, length: int) -> tuple[str, tuple[str, ...]]:
