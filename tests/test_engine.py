@@ -29,6 +29,7 @@ from latentguard.engine.threat import (
 )
 from latentguard.engine.trainer import DefenseConfig, TrainConfig, Trainer
 from latentguard.errors import CheckpointError, NonFiniteError, SiteError
+from latentguard.runs import load_tensors, save_tensors
 
 IO = ClassifierIO()
 HIDDEN = 32
@@ -710,6 +711,25 @@ def test_checkpoint_for_another_defense_is_refused(tmp_path: Path) -> None:
     trainer = Trainer(make_mlp(), IO, other, TrainConfig(steps=4), checkpoint=checkpoint, progress=False)
     with pytest.raises(CheckpointError, match="another defense"):
         trainer.fit(blob_loader())
+
+
+def test_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path: Path) -> None:
+    """A checkpoint written before a defense field existed resumes when the field keeps its default."""
+    checkpoint = tmp_path / "ckpt.safetensors"
+    Trainer(make_mlp(), IO, defense("lat"), TrainConfig(steps=2), checkpoint=checkpoint, progress=False).fit(
+        blob_loader()
+    )
+    tensors, meta = load_tensors(checkpoint)
+    del meta["defense"]["kl_weight"]  # as an older latentguard wrote it
+    save_tensors(checkpoint, tensors, meta)
+    trainer = Trainer(
+        make_mlp(), IO, defense("lat"), TrainConfig(steps=4), checkpoint=checkpoint, progress=False
+    )
+    assert trainer.load_checkpoint() and trainer.step == 2
+    meta["defense"]["kl_weight"] = 0.5  # a field that differs is still another defense
+    save_tensors(checkpoint, tensors, meta)
+    with pytest.raises(CheckpointError, match="another defense"):
+        Trainer(make_mlp(), IO, defense("lat"), TrainConfig(steps=4), checkpoint=checkpoint).load_checkpoint()
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])

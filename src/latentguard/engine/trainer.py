@@ -253,12 +253,19 @@ class Trainer:
         }
         save_tensors(self.checkpoint, tensors, _jsonable(metadata))
 
+    def _same_defense(self, saved: Any) -> bool:
+        """Whether a checkpoint's defense is this one; fields added since it was written take defaults."""
+        try:
+            return DefenseConfig.model_validate(saved) == self.defense
+        except ValueError:
+            return False
+
     def load_checkpoint(self) -> bool:
         """Restore model, optimizer, schedule, RNG and step from ``checkpoint`` if it exists."""
         if self.checkpoint is None or not self.checkpoint.exists():
             return False
         tensors, meta = load_tensors(self.checkpoint)
-        if meta.get("defense") != self.defense.model_dump(mode="json"):
+        if not self._same_defense(meta.get("defense")):
             raise CheckpointError(
                 f"{self.checkpoint}: written for another defense config; remove it to restart"
             )
