@@ -72,6 +72,10 @@ class BlobTask:
     ) -> BlobTask:
         return cls(validate_section(BlobConfig, section, "task"), seed, device)
 
+    def defense_model(self, model: nn.Module) -> nn.Module:
+        """The defenses fine-tune every weight of the trojaned model."""
+        return model
+
     def build_model(self) -> nn.Module:
         hidden = self.config.hidden
         return nn.Sequential(

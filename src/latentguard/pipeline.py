@@ -146,11 +146,7 @@ class Pipeline:
     def train_defense(self, task: Task, seed: int, defense: DefenseSpec) -> nn.Module:
         folder = self.seed_dir(seed) / defense.name
         final = folder / "model.safetensors"
-        base = self.base_model(task, seed)
-        # A task may train the defenses on another form of the trojaned model (e.g. fresh LoRA adapters).
-        prepare = getattr(task, "defense_model", None)
-        if prepare is not None:
-            base = prepare(base)
+        base = task.defense_model(self.base_model(task, seed))  # e.g. with fresh LoRA adapters
         if final.exists():
             load_model(final, base)
             return base

@@ -59,6 +59,10 @@ class Task(Protocol):
         """A fresh model (the base model before trojan implanting)."""
         ...
 
+    def defense_model(self, model: nn.Module) -> nn.Module:
+        """The trojaned model in the form the defenses train (e.g. with fresh LoRA adapters), often itself."""
+        ...
+
     input_bounds: tuple[float, float] | None
 
     def base_loader(self, batch_size: int) -> Iterable[Any]:

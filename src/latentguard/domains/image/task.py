@@ -112,6 +112,10 @@ class ImageTask:
             raise ConfigError("evaluation.attacks: attack names must be unique")
         return cls(config, specs, seed, device)
 
+    def defense_model(self, model: nn.Module) -> nn.Module:
+        """The defenses fine-tune every weight of the trojaned model."""
+        return model
+
     def build_model(self) -> nn.Module:
         return ResNetCNN(in_channels=1, num_classes=len(CLASS_NAMES), width=self.config.width)
 

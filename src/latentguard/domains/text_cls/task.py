@@ -162,6 +162,10 @@ class TextClassificationTask:
         ids, mask = encode(self.tokenizer, texts, self.config.max_length)
         return TensorDataset(ids, mask, torch.tensor(labels, dtype=torch.long))
 
+    def defense_model(self, model: nn.Module) -> nn.Module:
+        """The defenses fine-tune every weight of the trojaned model."""
+        return model
+
     def build_model(self) -> nn.Module:
         """MiniLM (or the local model) with a fresh head, or a random tiny BERT (seeded by the caller)."""
         if self.path is None:
