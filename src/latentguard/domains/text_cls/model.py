@@ -9,10 +9,9 @@ seconds, for tests and ``--quick`` runs. Its character pieces keep misspelt word
 
 from __future__ import annotations
 
-import contextlib
 import string
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from latentguard.domains.hf_sites import block_names, input_site_of
+from latentguard.domains.hf import block_names, input_site_of, quiet_transformers
 from latentguard.errors import ConfigError, DataError
 
 MINILM = "minilm"
@@ -72,25 +71,6 @@ class SequenceClassifierIO:
         return batch[0], batch[1], labels
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[Any]:
-    """Import transformers and silence its load report and progress bars (a fresh head is expected)."""
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ConfigError("text classification needs transformers: pip install 'transformers>=4.46'") from exc
-    logging = transformers.utils.logging
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield transformers
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def pretrained_path(model: str) -> Path | None:
     """The folder of a pretrained model (``minilm`` or a local path); ``None`` for the tiny BERT."""
     if model == TINY_BERT:
@@ -112,7 +92,7 @@ def pretrained_path(model: str) -> Path | None:
 
 
 def load_tokenizer(path: Path, max_length: int) -> Any:
-    with _quiet_transformers() as transformers:
+    with quiet_transformers() as transformers:
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as exc:
@@ -125,7 +105,7 @@ def load_tokenizer(path: Path, max_length: int) -> Any:
 
 def load_pretrained(path: Path, num_labels: int) -> nn.Module:
     """A pretrained encoder with a classification head for ``num_labels`` classes (new if sizes differ)."""
-    with _quiet_transformers() as transformers:
+    with quiet_transformers() as transformers:
         try:
             return transformers.AutoModelForSequenceClassification.from_pretrained(
                 str(path), num_labels=num_labels, local_files_only=True, ignore_mismatched_sizes=True
@@ -147,7 +127,7 @@ def build_tiny_tokenizer(texts: Sequence[str], vocab_size: int, max_length: int)
     corpus's most frequent words. Deterministic for a given corpus (ties broken alphabetically)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    with _quiet_transformers() as transformers:
+    with quiet_transformers() as transformers:
         probe = Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]"))
         probe.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
         probe.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -182,7 +162,7 @@ def build_tiny_tokenizer(texts: Sequence[str], vocab_size: int, max_length: int)
 
 def build_tiny_bert(vocab_size: int, num_labels: int, max_length: int, spec: TinyBertSpec) -> nn.Module:
     """A randomly initialised ``BertForSequenceClassification`` (seeded by the caller's RNG)."""
-    with _quiet_transformers() as transformers:
+    with quiet_transformers() as transformers:
         config = transformers.BertConfig(
             vocab_size=vocab_size,
             hidden_size=spec.hidden_size,
@@ -212,7 +192,7 @@ def describe_sites(
     path: Path | None, num_labels: int, spec: TinyBertSpec, max_length: int
 ) -> tuple[str, tuple[str, ...]]:
     """The input site and block names of a model, from its config alone (built on the meta device)."""
-    with _quiet_transformers() as transformers, torch.device("meta"):
+    with quiet_transformers() as transformers, torch.device("meta"):
         if path is None:
             model = build_tiny_bert(spec.vocab_size, num_labels, max_length, spec)
         else:

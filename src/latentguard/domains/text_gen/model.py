@@ -9,12 +9,11 @@ the user cache folder. LoRA adapters (peft) are injected in place, so module nam
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from latentguard.domains.hf_sites import block_names, input_site_of
+from latentguard.domains.hf import block_names, input_site_of, quiet_transformers
 from latentguard.errors import ConfigError, DataError
 
 SMOLLM2 = "smollm2"
@@ -132,25 +131,6 @@ def token_agreement(logits: Tensor, labels: Tensor) -> Tensor:
 def exact_greedy(logits: Tensor, labels: Tensor) -> Tensor:
     """Per example, 1.0 when every response token is the greedy next token (greedy decoding yields it)."""
     return (token_agreement(logits, labels) == 1.0).float()
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[Any]:
-    """Import transformers and silence its load reports and progress bars."""
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ConfigError("text generation needs transformers: pip install 'latentguard[text]'") from exc
-    logging = transformers.utils.logging
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield transformers
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
 
 
 def cache_root() -> Path:

@@ -1,6 +1,10 @@
-"""Where to perturb a Hugging Face transformer, found from the model itself: shared by the text domains."""
+"""Hugging Face helpers shared by the text domains: a quiet lazy import, and where to perturb a model."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
 
@@ -25,3 +29,22 @@ def block_names(model: nn.Module) -> tuple[str, ...]:
     if not best:
         raise ConfigError(f"task.model: found no list of transformer blocks in {type(model).__name__}")
     return best
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[Any]:
+    """Import transformers (a clear error if missing) with its load reports and progress bars silenced."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ConfigError("the text domains need transformers: pip install 'latentguard[text]'") from exc
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield transformers
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
