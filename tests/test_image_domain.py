@@ -302,6 +302,29 @@ def test_other_attacks_run(
     assert 0.0 <= outcome.robust_accuracy <= outcome.clean_accuracy <= 1.0
 
 
+def test_autoattack_parts_attack_no_more_than_the_whole_ensemble(
+    models: dict[str, nn.Module], test_set: tuple[Tensor, Tensor]
+) -> None:
+    whole = ImageAttackSpec(name="aa", kind="autoattack", norm="linf", epsilon=0.1, examples=24)
+    parts = whole.model_copy(update={"components": ["apgd-ce", "apgd-t"]})
+    outcomes = [
+        run_attack(models["clean"], *test_set, spec, batch_size=24, seed=1) for spec in (whole, parts)
+    ]
+    assert outcomes[0].clean_accuracy == outcomes[1].clean_accuracy
+    assert outcomes[0].robust_accuracy <= outcomes[1].robust_accuracy < outcomes[1].clean_accuracy
+
+
+def test_autoattack_parts_are_named_and_kept_in_the_ensembles_order() -> None:
+    spec = ImageAttackSpec(
+        name="a", kind="autoattack", norm="linf", epsilon=0.1, components=["fab-t", "apgd-ce"]
+    )
+    assert spec.components == ["apgd-ce", "fab-t"]
+    assert "AutoAttack standard parts apgd-ce+fab-t (linf, eps=0.1)" in spec.describe()
+    for bad in ([], ["apgd-ce", "apgd-ce"], ["cw"]):
+        with pytest.raises(ValidationError, match="components"):
+            ImageAttackSpec(name="a", kind="autoattack", norm="linf", epsilon=0.1, components=bad)
+
+
 def test_attack_description_names_the_library() -> None:
     spec = ImageAttackSpec(name="pgd", kind="pgd", norm="linf", epsilon=0.1)
     assert spec.describe() == "torchattacks 3.5.1 PGD (linf, eps=0.1, 20 steps) on 500 test images"

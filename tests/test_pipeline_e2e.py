@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from latentguard.cli import main
 
@@ -85,3 +86,32 @@ def test_report_command_rebuilds_the_report(quick_run: Path) -> None:
     (quick_run / "report.md").unlink()
     assert main(["report", str(quick_run)]) == 0
     assert (quick_run / "report.md").is_file()
+
+
+def test_an_attack_added_to_a_finished_run_is_all_that_runs_on_resume(quick_run: Path) -> None:
+    """Runs last: it changes the shared run folder."""
+    config = yaml.safe_load((quick_run / "config.yaml").read_text())
+    added = {
+        "name": "pgd_linf_big",
+        "kind": "pgd",
+        "norm": "linf",
+        "epsilon": 0.2,
+        "steps": 5,
+        "examples": 20,
+    }
+    config["evaluation"]["attacks"].append(added)
+    (quick_run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    before = json.loads((quick_run / "results.json").read_text())["records"]
+    models = {p: p.stat().st_mtime_ns for p in quick_run.glob("seed-0/*/model.safetensors")}
+    assert main(["run", "--resume", str(quick_run), "--no-progress"]) == 0
+    after = json.loads((quick_run / "results.json").read_text())["records"]
+    assert {p: p.stat().st_mtime_ns for p in models} == models  # nothing retrained
+    for old, new in zip(before, after, strict=True):
+        assert {k: v for k, v in new["metrics"].items() if k != "robust/pgd_linf_big"} == old["metrics"]
+        outcome = new["heldout_details"]["pgd_linf_big"]
+        assert outcome["examples"] == 20
+        assert (
+            new["metrics"]["robust/pgd_linf_big"] == outcome["robust_accuracy"] <= outcome["clean_accuracy"]
+        )
+        assert new["seconds"]["eval"] > old["seconds"]["eval"]
+    assert "pgd_linf_big" in (quick_run / "report.md").read_text()

@@ -124,10 +124,7 @@ def evaluate(
     result = Evaluation()
     result.metrics.update(task.clean_metrics(model))
     result.metrics.update({f"asr/{name}": value for name, value in task.trojan_metrics(model).items()})
-    for attack in task.heldout_attacks():
-        torch.manual_seed(seed)
-        result.metrics[f"robust/{attack.name}"] = task.run_heldout(model, attack.name, seed)
-    result.details = task.heldout_details()
+    result.details = _run_heldout(model, task, [a.name for a in task.heldout_attacks()], seed, result.metrics)
     batches = task.eval_batches(config.latent_examples, config.batch_size)
     for layer in config.latent_layers:
         torch.manual_seed(seed)
@@ -141,3 +138,37 @@ def evaluate(
     result.sanity = sanity_checks(model, task, sanity_attack(defense, task, config), probe, result.metrics)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _run_heldout(
+    model: nn.Module, task: Task, names: list[str], seed: int, metrics: dict[str, float | None]
+) -> dict[str, dict[str, Any]]:
+    """Runs the named held-out attacks into ``metrics``; returns their per-attack statistics."""
+    for name in names:
+        torch.manual_seed(seed)
+        metrics[f"robust/{name}"] = task.run_heldout(model, name, seed)
+    details = task.heldout_details()
+    return {name: details[name] for name in names if name in details}
+
+
+def missing_heldout(task: Task, evaluation: dict[str, Any]) -> list[str]:
+    """The task's held-out attacks that a saved evaluation has no result for (added to the config later)."""
+    return [a.name for a in task.heldout_attacks() if f"robust/{a.name}" not in evaluation["metrics"]]
+
+
+def complete_evaluation(
+    model: nn.Module, task: Task, evaluation: dict[str, Any], seed: int
+) -> dict[str, Any]:
+    """A saved evaluation with the held-out attacks it lacks run and merged in, and the black-box check
+    redone over the full set, so adding an attack to a finished run costs only that attack."""
+    start = time.perf_counter()
+    model.eval()
+    metrics = dict(evaluation["metrics"])
+    details = _run_heldout(model, task, missing_heldout(task, evaluation), seed, metrics)
+    return {
+        **evaluation,
+        "metrics": metrics,
+        "details": {**evaluation.get("details", {}), **details},
+        "sanity": {**evaluation["sanity"], "blackbox_not_better": _black_box_not_better(task, metrics)},
+        "seconds": evaluation["seconds"] + time.perf_counter() - start,
+    }

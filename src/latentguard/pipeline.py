@@ -33,7 +33,7 @@ from latentguard.engine.distributed import (
 from latentguard.engine.site import resolve_module
 from latentguard.engine.trainer import DefenseConfig, Trainer
 from latentguard.errors import ConfigError
-from latentguard.evaluate import evaluate
+from latentguard.evaluate import complete_evaluation, evaluate, missing_heldout
 from latentguard.report import write_report
 from latentguard.runs import (
     MetricLog,
@@ -196,11 +196,22 @@ class Pipeline:
             for defense in self.config.defenses:
                 out = self.seed_dir(seed) / defense.name / "eval.json"
                 if out.exists() and not force:
+                    self._complete_evaluation(task, seed, defense, out)
                     continue
                 model = self.train_defense(task, seed, defense)
                 evaluation = evaluate(model, task, self.config.evaluation, defense, seed)
                 atomic_write_json(out, asdict(evaluation))
                 self.log.write({"phase": f"seed-{seed}/{defense.name}/eval", **_numbers(evaluation.metrics)})
+
+    def _complete_evaluation(self, task: Task, seed: int, defense: DefenseSpec, out: Path) -> None:
+        """Runs only the held-out attacks added to the config since ``out`` was written."""
+        saved = read_json(out)
+        if not missing_heldout(task, saved):
+            return
+        model = self.train_defense(task, seed, defense)
+        completed = complete_evaluation(model, task, saved, seed)
+        atomic_write_json(out, completed)
+        self.log.write({"phase": f"seed-{seed}/{defense.name}/eval", **_numbers(completed["metrics"])})
 
     # -- results -------------------------------------------------------------------------------------------
     def results(self) -> dict[str, Any]:

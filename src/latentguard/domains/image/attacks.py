@@ -13,7 +13,7 @@ from importlib import metadata
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from latentguard.errors import UserError
@@ -21,6 +21,8 @@ from latentguard.errors import UserError
 _LIBRARY = "torchattacks"
 _INSTALL_HINT = "pip install --no-deps torchattacks==3.5.1"
 _NORM_NAMES = {"linf": "Linf", "l2": "L2"}
+AutoAttackPart = Literal["apgd-ce", "apgd-t", "fab-t", "square"]
+AUTOATTACK_STANDARD: tuple[AutoAttackPart, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
 class ImageAttackSpec(BaseModel):
@@ -36,6 +38,19 @@ class ImageAttackSpec(BaseModel):
     queries: int = Field(default=1000, ge=1, description="model queries per example (square only)")
     examples: int = Field(default=500, gt=0, description="attack the first N test images: a fixed subset")
     step_ratio: float = Field(default=2.5, gt=0.0, description="PGD step size = step_ratio * epsilon / steps")
+    components: list[AutoAttackPart] = Field(
+        default_factory=lambda: list(AUTOATTACK_STANDARD),
+        min_length=1,
+        description="autoattack only: which parts of the standard ensemble run, in its order "
+        "(Square's 5,000 queries cost ~1 s per robust image on a CPU)",
+    )
+
+    @model_validator(mode="after")
+    def _components_in_order(self) -> ImageAttackSpec:
+        if len(set(self.components)) != len(self.components):
+            raise ValueError(f"components: each part at most once, got {self.components}")
+        self.components = [part for part in AUTOATTACK_STANDARD if part in self.components]
+        return self
 
     def describe(self) -> str:
         """One line naming the library, its version, the attack and its budget."""
@@ -48,8 +63,10 @@ class ImageAttackSpec(BaseModel):
             attack = f"PGD ({budget}, {self.steps} steps)"
         elif self.kind == "square":
             attack = f"Square ({budget}, {self.queries} queries)"
-        else:
+        elif self.components == list(AUTOATTACK_STANDARD):
             attack = f"AutoAttack standard ({budget})"
+        else:
+            attack = f"AutoAttack standard parts {'+'.join(self.components)} ({budget})"
         return f"{library} {attack} on {self.examples} test images"
 
 
@@ -82,9 +99,29 @@ def _build_attack(
         return cls(model, eps=spec.epsilon, alpha=alpha, steps=spec.steps, random_start=True)
     if spec.kind == "square":
         return torchattacks.Square(model, norm=norm, eps=spec.epsilon, n_queries=spec.queries, seed=seed)
-    return torchattacks.AutoAttack(
-        model, norm=norm, eps=spec.epsilon, version="standard", n_classes=num_classes, seed=seed
-    )
+    return _autoattack(torchattacks, model, spec, norm, num_classes, seed)
+
+
+def _autoattack(
+    torchattacks: Any, model: nn.Module, spec: ImageAttackSpec, norm: str, num_classes: int, seed: int
+) -> Any:
+    """AutoAttack's standard ensemble (Croce & Hein, 2020), or the chosen parts of it with the same settings.
+
+    Each part attacks only the images the parts before it left correctly classified, as in AutoAttack.
+    """
+    if spec.components == list(AUTOATTACK_STANDARD):
+        return torchattacks.AutoAttack(
+            model, norm=norm, eps=spec.epsilon, version="standard", n_classes=num_classes, seed=seed
+        )
+    common = {"norm": norm, "eps": spec.epsilon, "seed": seed, "n_restarts": 1}
+    build = {
+        "apgd-ce": lambda: torchattacks.APGD(model, loss="ce", **common),
+        "apgd-t": lambda: torchattacks.APGDT(model, n_classes=num_classes, **common),
+        "fab-t": lambda: torchattacks.FAB(model, multi_targeted=True, n_classes=num_classes, **common),
+        "square": lambda: torchattacks.Square(model, n_queries=5000, **common),
+    }
+    parts = [build[part]() for part in spec.components]
+    return parts[0] if len(parts) == 1 else torchattacks.MultiAttack(parts)
 
 
 def _check_budget(adversarial: Tensor, clean: Tensor, spec: ImageAttackSpec) -> None:
