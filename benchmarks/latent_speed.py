@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import flop_counter
 
+from latentguard.domains.text_cls.model import SequenceClassifierIO
 from latentguard.engine.attack import LatentAttack, PGDConfig
 from latentguard.engine.io import ClassifierIO, ModelIO
 from latentguard.engine.site import INPUT, Intervention, resolve_module
@@ -78,26 +79,7 @@ TRAIN = TrainConfig(steps=1, lr=1e-5, optimizer="adam")
 
 
 # -- models ------------------------------------------------------------------------------------------------
-class TokenClassifierIO:
-    """Hugging Face sequence classifiers on ``(input_ids, attention_mask, labels)``."""
-
-    def to_device(self, batch: Any, device: torch.device) -> Any:
-        return tuple(t.to(device) for t in batch)
-
-    def forward(self, model: nn.Module, batch: Any) -> Tensor:
-        return model(input_ids=batch[0], attention_mask=batch[1]).logits
-
-    def loss(self, output: Tensor, batch: Any) -> Tensor:
-        return F.cross_entropy(output, batch[2], reduction="none")
-
-    def positions(self, batch: Any) -> Tensor:
-        return batch[1].bool()
-
-    def with_labels(self, batch: Any, labels: Tensor) -> Any:
-        return batch[0], batch[1], labels
-
-
-class NextTokenIO(TokenClassifierIO):
+class NextTokenIO(SequenceClassifierIO):
     """Causal LM: mean next-token loss per sequence."""
 
     def forward(self, model: nn.Module, batch: Any) -> Tensor:
@@ -174,7 +156,7 @@ def build_minilm() -> Bench:
     batch = _token_batch(model.config.vocab_size, 32, 64, 5)
     sites = {depth: f"bert.encoder.layer.{i}" for depth, i in zip(DEPTHS, (0, 2, 4), strict=True)}
     description = "MiniLM-L6 (all-MiniLM-L6-v2, BertForSequenceClassification, 5 labels), batch 32×64 tokens"
-    return Bench("minilm", description, model, TokenClassifierIO(), batch, sites, _embedding_site(model))
+    return Bench("minilm", description, model, SequenceClassifierIO(), batch, sites, _embedding_site(model))
 
 
 def build_llama() -> Bench:

@@ -3,10 +3,15 @@
 Run as a script it is the ``latentguard`` CLI with this task registered as ``kind: blobs``, so
 ``accelerate launch tests/blobs_task.py run CONFIG`` runs the whole pipeline on it in seconds. The MLP has
 no batch norm and no dropout, so several processes can match one process exactly.
+
+Accelerate only turns ``--use_fsdp`` into FSDP for GPU-like devices: with CPU processes (gloo) it silently
+runs DDP instead. ``fsdp_on_cpu`` lifts that one check so the test runs real FSDP2 (``fully_shard`` over
+gloo, Accelerate's own FSDP2 prepare, state-dict gathering and gradient clipping) on CPU.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -135,8 +140,28 @@ class BlobTask:
         return {}
 
 
+def fsdp_on_cpu() -> None:
+    """Make Accelerate honour ``--use_fsdp`` with CPU processes (it keeps ``MULTI_CPU``, i.e. DDP, there)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self: AcceleratorState, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            # what Accelerate does for GPUs (state.py): the type lives in both shared states
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
     from latentguard.cli import main
 
     TASKS["blobs"] = f"{__name__}:BlobTask"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        fsdp_on_cpu()
     sys.exit(main())

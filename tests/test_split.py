@@ -6,45 +6,14 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentguard.domains.text_cls.model import SequenceClassifierIO
+from latentguard.domains.text_gen.model import IGNORE, CausalLMIO
 from latentguard.engine.attack import LatentAttack, PGDConfig
 from latentguard.engine.io import ClassifierIO
 from latentguard.engine.split import PrefixCache
 from latentguard.engine.threat import Threat
-
-
-class TokenClassifierIO:
-    """Hugging Face sequence classifiers on ``(input_ids, attention_mask, labels)``."""
-
-    def to_device(self, batch: Any, device: torch.device) -> Any:
-        return tuple(t.to(device) for t in batch)
-
-    def forward(self, model: nn.Module, batch: Any) -> Tensor:
-        return model(input_ids=batch[0], attention_mask=batch[1]).logits
-
-    def loss(self, output: Tensor, batch: Any) -> Tensor:
-        return F.cross_entropy(output, batch[2], reduction="none")
-
-    def positions(self, batch: Any) -> Tensor:
-        return batch[1].bool()
-
-    def with_labels(self, batch: Any, labels: Tensor) -> Any:
-        return batch[0], batch[1], labels
-
-
-class NextTokenIO(TokenClassifierIO):
-    """Causal LM: mean next-token loss per sequence."""
-
-    def forward(self, model: nn.Module, batch: Any) -> Tensor:
-        return model(input_ids=batch[0], attention_mask=batch[1], use_cache=False).logits
-
-    def loss(self, output: Tensor, batch: Any) -> Tensor:
-        logits, targets = output[:, :-1], batch[0][:, 1:]
-        per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        mask = batch[1][:, 1:].float()
-        return (per_token * mask).sum(1) / mask.sum(1)
 
 
 def tiny_cnn() -> tuple[nn.Module, Any, Any]:
@@ -68,7 +37,7 @@ def tiny_bert() -> tuple[nn.Module, Any, Any]:
     ids = torch.randint(1, 50, (4, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
-    return model, TokenClassifierIO(), (ids, mask, torch.randint(0, 3, (4,)))
+    return model, SequenceClassifierIO(), (ids, mask, torch.randint(0, 3, (4,)))
 
 
 def tiny_llama() -> tuple[nn.Module, Any, Any]:
@@ -83,7 +52,7 @@ def tiny_llama() -> tuple[nn.Module, Any, Any]:
     ids = torch.randint(1, 64, (3, 10))
     mask = torch.ones_like(ids)
     mask[2, :3] = 0  # left padding
-    return model, NextTokenIO(), (ids, mask, torch.zeros(3, dtype=torch.long))
+    return model, CausalLMIO(), (ids, mask, ids.masked_fill(mask == 0, IGNORE))
 
 
 CASES = {

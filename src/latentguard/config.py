@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
 
 from latentguard.engine.attack import PGDConfig
 from latentguard.engine.threat import Threat
@@ -206,6 +206,19 @@ def validate_section(model: type[BaseModel], data: Any, prefix: str) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, prefix)) from None
+
+
+def validate_attacks(model: type[BaseModel], attacks: list[Any]) -> list[Any]:
+    """A domain's ``evaluation.attacks``, each validated by its spec model (a root model unwrapped), with
+    unique names: results are keyed by attack name."""
+    specs = []
+    for i, spec in enumerate(attacks):
+        valid = validate_section(model, spec, f"evaluation.attacks.{i}")
+        specs.append(valid.root if isinstance(valid, RootModel) else valid)
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError("evaluation.attacks: attack names must be unique")
+    return specs
 
 
 def dump_config(config: RunConfig) -> str:

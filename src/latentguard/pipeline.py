@@ -42,7 +42,6 @@ from latentguard.runs import (
     load_model,
     provenance,
     read_json,
-    save_model,
 )
 
 CONFIG_FILE = "config.yaml"
@@ -134,13 +133,15 @@ class Pipeline:
             description=f"seed {seed} implant trojans",
         )
         result = trainer.fit(task.base_loader(self.config.batch_size))
+        trainer.save_model(path, {"seed": seed, "steps": result.steps})  # every process (FSDP2 gathers)
         if is_main_process():
-            save_model(path, model, {"seed": seed, "steps": result.steps})
             atomic_write_json(
                 self.seed_dir(seed) / "base.json", {"seconds": result.seconds, "steps": result.steps}
             )
             (self.seed_dir(seed) / "base.checkpoint.safetensors").unlink(missing_ok=True)
         wait_for_everyone()  # no process may look for the file before it is there
+        if trainer.sharded:  # FSDP2 sharded the model in place: go on from the whole saved weights
+            return self.base_model(task, seed)
         return model
 
     def train_defense(self, task: Task, seed: int, defense: DefenseSpec) -> nn.Module:
@@ -163,8 +164,8 @@ class Pipeline:
             description=f"seed {seed} {defense.name}",
         )
         result = trainer.fit(task.defense_loader(self.config.batch_size))
+        trainer.save_model(final, {"seed": seed, "defense": defense.name})  # every process (FSDP2 gathers)
         if is_main_process():
-            save_model(final, base, {"seed": seed, "defense": defense.name})
             calibration = {
                 site: {"mean_norm": result.unit_sizes.get(site, 0.0), "epsilon_abs": radius}
                 for site, radius in result.radii.items()
@@ -181,6 +182,8 @@ class Pipeline:
             )
             (folder / "checkpoint.safetensors").unlink(missing_ok=True)
         wait_for_everyone()
+        if trainer.sharded:  # as in base_model: the whole weights, loaded from the file just written
+            return self.train_defense(task, seed, defense)
         return base
 
     def train(self) -> None:

@@ -3,16 +3,27 @@
 Under ``accelerate launch --num_processes N`` (DDP, FSDP, DeepSpeed) every process runs the same code on its
 own share of each batch; alone, the same code runs unchanged. Mixed precision and the CPU/GPU choice are
 process-wide in Accelerate, so the first call here fixes them for the process.
+
+FSDP2 (``--use_fsdp --fsdp_version 2``) shards the model in place and keeps its module names, so hooks by
+module name still work; each process then holds only its shard of the weights and of the optimizer state,
+so saving gathers them (``full_optimizer_state``, ``Accelerator.get_state_dict``) and resuming scatters
+them (``load_optimizer_state``). FSDP1 renames modules and is refused (``check_sharding``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, broadcast_object_list
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    GradientAccumulationPlugin,
+    broadcast_object_list,
+)
+from torch import Tensor, nn
 
 from latentguard.errors import ConfigError
 
@@ -84,3 +95,71 @@ def everywhere(accelerator: Accelerator, flag: bool) -> bool:
         return flag
     local = torch.tensor(float(flag), device=accelerator.device)
     return bool(accelerator.reduce(local, reduction="sum").item() == accelerator.num_processes)
+
+
+def check_sharding(accelerator: Accelerator) -> None:
+    """Refuse FSDP1: its wrapper renames modules (``_fsdp_wrapped_module``), so sites would not resolve."""
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ConfigError(
+            "FSDP1 is not supported (it renames modules, so latent sites are lost): launch with "
+            "accelerate launch --use_fsdp --fsdp_version 2"
+        )
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """Whether ``prepare`` shards the model and optimizer state across processes (FSDP2)."""
+    return bool(accelerator.is_fsdp2)
+
+
+def local_part(tensor: Tensor) -> Tensor:
+    """This process's shard of a sharded (DTensor) tensor, the tensor itself otherwise."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The parameter names in the optimizer's order (the order of its state's integer keys)."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def full_optimizer_state(
+    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """``optimizer.state_dict()``, whole: under FSDP2 every process must call this and only the main
+    process's result is complete (the shards are gathered to its CPU); keyed by position as torch keys it."""
+    if not is_sharded(accelerator):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside AcceleratedOptimizer
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_optimizer_state_dict(model, inner, options=options)
+    if not full:  # not the main process: it gets nothing
+        return {"state": {}, "param_groups": []}
+    index = {name: i for i, name in enumerate(_optimizer_names(model, inner))}
+    groups = [
+        {**group, "params": [index[name] for name in group["params"]]} for group in full["param_groups"]
+    ]
+    return {"state": {index[name]: value for name, value in full["state"].items()}, "param_groups": groups}
+
+
+def load_optimizer_state(
+    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load a whole ``optimizer.state_dict()`` (as ``full_optimizer_state`` returns it) into ``optimizer``;
+    under FSDP2 (after ``prepare``, in every process) each process keeps its shard of it."""
+    if not is_sharded(accelerator):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    names = _optimizer_names(model, inner)
+    full = {
+        "state": {names[int(i)]: value for i, value in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [names[int(i)] for i in group["params"]]} for group in state["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(model, inner, full, options=StateDictOptions(full_state_dict=True))

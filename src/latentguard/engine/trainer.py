@@ -9,6 +9,8 @@ The loss is taken on the perturbed forward plus optional weighted clean (SFT) an
 The loop runs on Hugging Face Accelerate: alone it behaves as a plain PyTorch loop; under
 ``accelerate launch`` each process trains on its share of every batch (DDP averages the gradients), attacks
 its own share with hooks on the unwrapped model, and only the main process logs and writes checkpoints.
+Under FSDP2 the model is sharded in place (module names, hence sites, stay); every process then takes part
+in gathering the full weights and optimizer state for a checkpoint, which the main process writes.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ from latentguard.engine.attack import (
 from latentguard.engine.distributed import (
     MixedPrecision,
     build_accelerator,
+    check_sharding,
     everywhere,
+    full_optimizer_state,
+    is_sharded,
+    load_optimizer_state,
+    local_part,
     mean_over_processes,
     process_device,
 )
@@ -202,6 +209,7 @@ class Trainer:
         self.accelerator = build_accelerator(
             self.device, self.config.mixed_precision, self.config.gradient_accumulation_steps
         )
+        check_sharding(self.accelerator)
         self.wrapped = model  # what the training forward calls: the DDP/FSDP wrapper once fit has begun
         self.checkpoint = checkpoint
         self.log = log
@@ -217,6 +225,8 @@ class Trainer:
             self.attack = LatentAttack(defense.sites or ["input"], defense.threat, defense.pgd, objective)
         if defense.kl_weight and not isinstance(io, DivergenceIO):
             raise ConfigError(f"kl_weight needs a task whose outputs can be compared ({type(io).__name__})")
+        if defense.kl_weight and is_sharded(self.accelerator):
+            raise ConfigError("kl_weight is not supported under FSDP (the reference weights are not sharded)")
         # The KL reference: the trainable weights as training starts (a fresh LoRA adapter is zero, so with
         # LoRA this is exactly the adapter-disabled model). Only trainable tensors are copied.
         self.reference: dict[str, Tensor] = {}
@@ -227,13 +237,37 @@ class Trainer:
         self.optimizer = build_optimizer(model, self.config)
         self.schedule = build_schedule(self.optimizer, self.config)
         self.step = 0
+        self._optimizer_state: dict[str, Any] | None = None  # FSDP2: restored once prepare has sharded
 
     # -- checkpoints -----------------------------------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        """Whether ``fit`` has sharded ``model`` in place (FSDP2): it then holds only this process's shard."""
+        return isinstance(self.optimizer, AcceleratedOptimizer) and is_sharded(self.accelerator)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The model's full weights. Every process must call it: under FSDP2 the shards are gathered and
+        only the main process's result is complete."""
+        if self.sharded:
+            return dict(self.accelerator.get_state_dict(self.wrapped))
+        return dict(self.model.state_dict())
+
+    def save_model(self, path: Path, metadata: dict[str, Any] | None = None) -> None:
+        """Write the full weights to ``path`` from the main process (every process must call it)."""
+        state = self.state_dict()
+        if self.accelerator.is_main_process:
+            save_tensors(path, state, metadata)
+
     def save_checkpoint(self) -> None:
-        if self.checkpoint is None or not self.accelerator.is_main_process:
+        """Write model, optimizer, schedule, RNG and step (every process must call it: under FSDP2 the
+        shards are gathered first); only the main process writes."""
+        if self.checkpoint is None:
             return
-        tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        optim_state = self.optimizer.state_dict()
+        model_state = self.state_dict()
+        optim_state = full_optimizer_state(self.accelerator, self.model, self.optimizer)
+        if not self.accelerator.is_main_process:
+            return
+        tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in model_state.items()}
         scalars: dict[str, dict[str, Any]] = {}
         for index, state in optim_state["state"].items():
             for key, value in state.items():
@@ -281,7 +315,11 @@ class Trainer:
                 state.setdefault(int(index), {})[name] = value
         for index, extra in meta.get("optim_scalars", {}).items():
             state.setdefault(int(index), {}).update(extra)
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        optim_state = {"state": state, "param_groups": meta["param_groups"]}
+        if is_sharded(self.accelerator) and not self.sharded:
+            self._optimizer_state = optim_state  # prepare swaps in sharded parameters: loaded after it
+        else:
+            load_optimizer_state(self.accelerator, self.model, self.optimizer, optim_state)
         self.schedule.load_state_dict(meta["schedule"])
         torch.set_rng_state(tensors["rng.torch"])
         for name in self.reference:
@@ -325,6 +363,21 @@ class Trainer:
             return self.attack.noise(self.model, self.io, batch)
         return self.attack(self.model, self.io, batch)
 
+    def _attack_everywhere(self, batch: Any) -> AttackResult | None:
+        """This process's perturbation of ``batch``; ``None`` (batch skipped) when the attack was non-finite
+        in any process, since the processes must skip together."""
+        failure: NonFiniteError | None = None
+        result: AttackResult | None = None
+        try:
+            result = self._perturbation(batch)
+        except NonFiniteError as exc:
+            if self.config.on_nonfinite == "stop":
+                raise
+            failure = exc
+        if not everywhere(self.accelerator, failure is None):
+            return self._nonfinite(f"attack ({failure or 'in another process'})")
+        return result
+
     def train_step(self, batch: Any) -> dict[str, float] | None:
         """One batch: forward, backward and, when gradients are due (every ``gradient_accumulation_steps``
         batches, inside ``accelerator.accumulate``), the optimizer step; returns the batch's metrics, or
@@ -332,6 +385,12 @@ class Trainer:
         self.model.train()
         terms: dict[str, Tensor] = {}
         stats: dict[str, float] = {}
+        # FSDP2 drops the gradient of a forward whose graph is still pending when another backward (the
+        # attack's) runs, so there the attack goes first; elsewhere the order stays (it fixes the RNG order).
+        attack_first = self.sharded
+        attack: AttackResult | None = None
+        if self.attack is not None and attack_first and (attack := self._attack_everywhere(batch)) is None:
+            return None
         sft = self.defense.kind == "clean" or self.defense.clean_weight > 0
         if sft or self.defense.kl_weight > 0:
             clean_output = self.io.forward(self.wrapped, batch)
@@ -340,15 +399,9 @@ class Trainer:
             if self.defense.kl_weight > 0:
                 terms["kl"] = self._kl(clean_output, batch)
         if self.attack is not None:
-            failure: NonFiniteError | None = None
-            try:
-                attack = self._perturbation(batch)
-            except NonFiniteError as exc:
-                if self.config.on_nonfinite == "stop":
-                    raise
-                failure = exc
-            if not everywhere(self.accelerator, failure is None):
-                return self._nonfinite(f"attack ({failure or 'in another process'})")
+            if not attack_first and (attack := self._attack_everywhere(batch)) is None:
+                return None
+            assert attack is not None
             with Intervention(self.model, self.attack.sites) as hooks:
                 hooks.deltas = attack.deltas
                 output = self.io.forward(self.wrapped, batch)
@@ -371,7 +424,7 @@ class Trainer:
         if not everywhere(self.accelerator, bool(torch.isfinite(loss))):
             return self._nonfinite("loss")
         self.accelerator.backward(loss)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [local_part(p.grad) for p in self.model.parameters() if p.grad is not None]
         if not everywhere(self.accelerator, all(bool(torch.isfinite(g).all()) for g in grads)):
             return self._nonfinite("gradient")
         if self.config.grad_clip and self.accelerator.sync_gradients:
@@ -410,6 +463,9 @@ class Trainer:
             self.wrapped, self.optimizer, self.schedule = self.accelerator.prepare(
                 self.model, self.optimizer, self.schedule
             )
+        if self._optimizer_state is not None:
+            load_optimizer_state(self.accelerator, self.model, self.optimizer, self._optimizer_state)
+            self._optimizer_state = None
         self.optimizer.zero_grad(set_to_none=True)
         accumulation = self.config.gradient_accumulation_steps
         batches = cycle(self.accelerator.prepare(loader), skip=self.step * accumulation)

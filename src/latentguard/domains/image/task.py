@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from latentguard.config import validate_section
+from latentguard.config import validate_attacks, validate_section
 from latentguard.domains.base import HeldoutAttack, TrojanInfo
 from latentguard.domains.image.attacks import AttackOutcome, ImageAttackSpec, run_attack
 from latentguard.domains.image.data import CLASS_NAMES, DEFAULT_DATA_DIR, load_fashion_mnist
@@ -104,12 +104,7 @@ class ImageTask:
         cls, section: dict[str, Any], attacks: list[dict[str, Any]], *, seed: int, device: Any
     ) -> ImageTask:
         config = validate_section(ImageTaskConfig, section, "task")
-        specs = [
-            validate_section(ImageAttackSpec, a, f"evaluation.attacks.{i}") for i, a in enumerate(attacks)
-        ]
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise ConfigError("evaluation.attacks: attack names must be unique")
+        specs = validate_attacks(ImageAttackSpec, attacks)
         return cls(config, specs, seed, device)
 
     def defense_model(self, model: nn.Module) -> nn.Module:

