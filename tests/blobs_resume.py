@@ -2,7 +2,8 @@
 
 ``python tests/blobs_resume.py OUT.safetensors whole|split`` (alone or under ``accelerate launch``) writes
 the final weights; the FSDP test compares a split run under FSDP2 with a whole run in one process, so a
-checkpoint gathered from shards and scattered back (weights and Adam state) must resume exactly.
+checkpoint gathered from shards and scattered back (weights, Adam state and the KL reference weights) must
+resume exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ LAT = DefenseConfig(
     threat=Threat(norm="l2", epsilon=0.5, epsilon_mode="relative"),
     pgd=PGDConfig(steps=3, random_start=False),
     clean_weight=0.5,
+    kl_weight=1.0,
 )
 
 

@@ -46,6 +46,15 @@ CONFIG: dict[str, Any] = {
             "pgd": {"steps": 3, "random_start": False},
             "clean_weight": 0.5,
         },
+        {
+            "name": "lat_kl",
+            "kind": "lat",
+            "sites": ["block"],
+            "threat": {"norm": "l2", "epsilon": 0.5, "epsilon_mode": "relative"},
+            "pgd": {"steps": 3, "random_start": False},
+            "clean_weight": 0.5,
+            "kl_weight": 1.0,
+        },
     ],
     "training": {"steps": 6, "lr": 0.01, "log_every": 1, "checkpoint_every": 2},
     "batch_size": 32,
@@ -60,7 +69,7 @@ CONFIG: dict[str, Any] = {
     "threads": 1,
     "progress": False,
 }
-TRAINED = ("clean", "at", "lat")
+TRAINED = ("clean", "at", "lat", "lat_kl")
 
 
 def _free_port() -> int:
@@ -142,6 +151,9 @@ def test_logged_metrics_are_gathered_and_written_once(runs: dict[int, Path]) -> 
     alone, shared = _records(runs[1]), _records(runs[2])
     assert shared.keys() == alone.keys()
     assert any(phase == "seed-0/lat" and "attack_gain" in record for (phase, _), record in shared.items())
+    assert any(
+        phase == "seed-0/lat_kl" and record.get("loss/kl", 0) > 0 for (phase, _), record in shared.items()
+    )
     for key, record in alone.items():
         if key[0] != "run":  # the run's wall time
             assert shared[key] == pytest.approx(record, rel=TOLERANCE, abs=TOLERANCE), key

@@ -96,6 +96,12 @@ def test_results_and_logged_metrics_equal_a_single_process_run(runs: dict[str, P
     assert logged_sharded.keys() == logged_alone.keys()
     attacked = [record for (phase, _), record in logged_sharded.items() if phase == "seed-0/lat"]
     assert any("attack_gain" in record for record in attacked)
+    kl = [
+        record.get("loss/kl", 0.0)
+        for (phase, _), record in logged_sharded.items()
+        if phase == "seed-0/lat_kl"
+    ]
+    assert max(kl) > 0, "the KL term to the sharded reference weights is live"
     for key, record in logged_alone.items():
         if key[0] != "run":
             assert logged_sharded[key] == pytest.approx(record, rel=TOLERANCE, abs=TOLERANCE), key

@@ -117,6 +117,26 @@ def local_part(tensor: Tensor) -> Tensor:
     return to_local() if callable(to_local) else tensor
 
 
+def shard_like(full: Tensor, param: Tensor) -> Tensor:
+    """This process's part of ``full`` as ``param`` is split (a DTensor under FSDP2; every process must
+    call it); ``full`` itself for a plain tensor."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(local_part(param).device), mesh, param.placements).to_local()
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP2 unit's gathered weights, so the next forward gathers the shards afresh."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The parameter names in the optimizer's order (the order of its state's integer keys)."""
     names = {id(param): name for name, param in model.named_parameters()}

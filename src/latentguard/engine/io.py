@@ -71,3 +71,12 @@ class ClassifierIO:
 
     def with_labels(self, batch: Any, labels: Tensor) -> Any:
         return batch[0], labels
+
+    def divergence(self, output: Tensor, reference: Tensor, batch: Any) -> Tensor:
+        return class_divergence(output, reference)
+
+
+def class_divergence(output: Tensor, reference: Tensor) -> Tensor:
+    """Per-example ``KL(reference || output)`` between the class distributions of two logit tensors."""
+    log_p, log_q = F.log_softmax(output.float(), dim=-1), F.log_softmax(reference.float(), dim=-1)
+    return (log_q.exp() * (log_q - log_p)).sum(dim=-1)

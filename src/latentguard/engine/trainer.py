@@ -50,6 +50,8 @@ from latentguard.engine.distributed import (
     local_part,
     mean_over_processes,
     process_device,
+    reshard,
+    shard_like,
 )
 from latentguard.engine.io import DivergenceIO, ModelIO, PairedIO
 from latentguard.engine.site import Intervention
@@ -225,11 +227,11 @@ class Trainer:
             self.attack = LatentAttack(defense.sites or ["input"], defense.threat, defense.pgd, objective)
         if defense.kl_weight and not isinstance(io, DivergenceIO):
             raise ConfigError(f"kl_weight needs a task whose outputs can be compared ({type(io).__name__})")
-        if defense.kl_weight and is_sharded(self.accelerator):
-            raise ConfigError("kl_weight is not supported under FSDP (the reference weights are not sharded)")
         # The KL reference: the trainable weights as training starts (a fresh LoRA adapter is zero, so with
-        # LoRA this is exactly the adapter-disabled model). Only trainable tensors are copied.
+        # LoRA this is exactly the adapter-disabled model). Only trainable tensors are copied. They stay whole
+        # (checkpoints hold them); under FSDP2 each process also keeps its shard of them.
         self.reference: dict[str, Tensor] = {}
+        self._reference_shards: dict[str, Tensor] = {}
         if defense.kl_weight:
             self.reference = {
                 name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad
@@ -260,13 +262,17 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write model, optimizer, schedule, RNG and step (every process must call it: under FSDP2 the
-        shards are gathered first); only the main process writes."""
+        shards are gathered first); only the main process writes, and no process goes on before it has."""
         if self.checkpoint is None:
             return
         model_state = self.state_dict()
         optim_state = full_optimizer_state(self.accelerator, self.model, self.optimizer)
-        if not self.accelerator.is_main_process:
-            return
+        if self.accelerator.is_main_process:
+            self._write_checkpoint(model_state, optim_state)
+        self.accelerator.wait_for_everyone()  # a trainer resuming next must find the whole file
+
+    def _write_checkpoint(self, model_state: dict[str, Tensor], optim_state: dict[str, Any]) -> None:
+        assert self.checkpoint is not None
         tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in model_state.items()}
         scalars: dict[str, dict[str, Any]] = {}
         for index, state in optim_state["state"].items():
@@ -342,6 +348,10 @@ class Trainer:
     def _reference_weights(self) -> Iterator[None]:
         """Inside, the trainable weights hold their values from the start of training."""
         params = dict(self.model.named_parameters())
+        if self.sharded:
+            with self._reference_shards_in(params):
+                yield
+            return
         current = {name: params[name].data for name in self.reference}
         try:
             for name, value in self.reference.items():
@@ -351,11 +361,29 @@ class Trainer:
             for name, value in current.items():
                 params[name].data = value
 
-    def _kl(self, output: Any, batch: Any) -> Tensor:
-        assert isinstance(self.io, DivergenceIO)
+    @contextmanager
+    def _reference_shards_in(self, params: dict[str, nn.Parameter]) -> Iterator[None]:
+        """FSDP2: the forward gathers each unit's shards (and the root keeps its weights gathered), so the
+        reference goes into the shards by copy, with every unit resharded before and after."""
+        if not self._reference_shards:
+            self._reference_shards = {name: shard_like(v, params[name]) for name, v in self.reference.items()}
+        with torch.no_grad():
+            current = {name: local_part(params[name]).clone() for name in self._reference_shards}
+            reshard(self.model)
+            for name, value in self._reference_shards.items():
+                local_part(params[name]).copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                reshard(self.model)
+                for name, value in current.items():
+                    local_part(params[name]).copy_(value)
+
+    def _reference_output(self, batch: Any) -> Any:
+        """The model's output on ``batch`` with the weights it started training from (no graph)."""
         with torch.no_grad(), self._reference_weights():
-            reference = self.io.forward(self.model, batch)
-        return self.io.divergence(output, reference, batch).mean()
+            return self.io.forward(self.model, batch)
 
     def _perturbation(self, batch: Any) -> AttackResult:
         assert self.attack is not None
@@ -386,20 +414,26 @@ class Trainer:
         terms: dict[str, Tensor] = {}
         stats: dict[str, float] = {}
         # FSDP2 drops the gradient of a forward whose graph is still pending when another backward (the
-        # attack's) runs, so there the attack goes first; elsewhere the order stays (it fixes the RNG order).
-        attack_first = self.sharded
+        # attack's) runs, and gathers weights only for a unit that is not gathered yet, so there the attack
+        # and the KL reference go before the clean forward; elsewhere the order stays (it fixes RNG order).
+        first = self.sharded
         attack: AttackResult | None = None
-        if self.attack is not None and attack_first and (attack := self._attack_everywhere(batch)) is None:
+        if self.attack is not None and first and (attack := self._attack_everywhere(batch)) is None:
             return None
+        kl = self.defense.kl_weight > 0
+        reference = self._reference_output(batch) if kl and first else None
         sft = self.defense.kind == "clean" or self.defense.clean_weight > 0
-        if sft or self.defense.kl_weight > 0:
+        if sft or kl:
             clean_output = self.io.forward(self.wrapped, batch)
             if sft:
                 terms["clean"] = self.io.loss(clean_output, batch).mean()
-            if self.defense.kl_weight > 0:
-                terms["kl"] = self._kl(clean_output, batch)
+            if kl:
+                assert isinstance(self.io, DivergenceIO)
+                if reference is None:
+                    reference = self._reference_output(batch)
+                terms["kl"] = self.io.divergence(clean_output, reference, batch).mean()
         if self.attack is not None:
-            if not attack_first and (attack := self._attack_everywhere(batch)) is None:
+            if not first and (attack := self._attack_everywhere(batch)) is None:
                 return None
             assert attack is not None
             with Intervention(self.model, self.attack.sites) as hooks:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from latentguard.domains.hf import block_names, input_site_of, quiet_transformers
+from latentguard.engine.io import class_divergence
 from latentguard.errors import ConfigError, DataError
 
 MINILM = "minilm"
@@ -69,6 +70,9 @@ class SequenceClassifierIO:
 
     def with_labels(self, batch: Any, labels: Tensor) -> Any:
         return batch[0], batch[1], labels
+
+    def divergence(self, output: Tensor, reference: Tensor, batch: Any) -> Tensor:
+        return class_divergence(output, reference)
 
 
 def pretrained_path(model: str) -> Path | None:
