@@ -25,6 +25,14 @@ from safetensors.torch import load_file
 TASK_SCRIPT = Path(__file__).parent / "blobs_task.py"
 TOLERANCE = 1e-5
 
+LAT: dict[str, Any] = {
+    "name": "lat",
+    "kind": "lat",
+    "sites": ["block"],
+    "threat": {"norm": "l2", "epsilon": 0.5, "epsilon_mode": "relative"},
+    "pgd": {"steps": 3, "random_start": False},
+    "clean_weight": 0.5,
+}
 CONFIG: dict[str, Any] = {
     "name": "blobs",
     "task": {"kind": "blobs", "train_size": 256, "test_size": 128, "base_steps": 8},
@@ -38,23 +46,8 @@ CONFIG: dict[str, Any] = {
             "pgd": {"steps": 3, "random_start": False},
             "clean_weight": 0.5,
         },
-        {
-            "name": "lat",
-            "kind": "lat",
-            "sites": ["block"],
-            "threat": {"norm": "l2", "epsilon": 0.5, "epsilon_mode": "relative"},
-            "pgd": {"steps": 3, "random_start": False},
-            "clean_weight": 0.5,
-        },
-        {
-            "name": "lat_kl",
-            "kind": "lat",
-            "sites": ["block"],
-            "threat": {"norm": "l2", "epsilon": 0.5, "epsilon_mode": "relative"},
-            "pgd": {"steps": 3, "random_start": False},
-            "clean_weight": 0.5,
-            "kl_weight": 1.0,
-        },
+        LAT,
+        {**LAT, "name": "lat_kl", "kl_weight": 1.0},
     ],
     "training": {"steps": 6, "lr": 0.01, "log_every": 1, "checkpoint_every": 2},
     "batch_size": 32,
