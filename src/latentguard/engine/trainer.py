@@ -330,6 +330,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         for name in self.reference:
             self.reference[name] = tensors[f"reference.{name}"]
+        self._reference_shards = {}  # FSDP2: cut again from the restored reference
         if self.attack is not None:
             self.attack.unit_sizes.update(meta.get("unit_sizes", {}))
         self.step = int(meta["step"])
