@@ -52,11 +52,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import flop_counter
 
 from latentguard.domains.text_cls.model import SequenceClassifierIO
+from latentguard.domains.text_gen.model import IGNORE, CausalLMIO
 from latentguard.engine.attack import LatentAttack, PGDConfig
 from latentguard.engine.io import ClassifierIO, ModelIO
 from latentguard.engine.site import INPUT, Intervention, resolve_module
@@ -71,6 +71,7 @@ QUICK_STEPS = (1, 8)
 TARGET_STEPS = 8  # target 2: LAT training step with 8 inner steps at the middle site
 INNER_LIMIT = 1.2  # target 1: LAT inner step <= 1.2 × suffix share × AT inner step
 SPEEDUP_TARGET = 2.0  # target 2: naive LAT step / LAT step >= 2
+RESPONSE_TOKENS = 32  # causal LMs: scored answer tokens of 128 (text_gen's default scores 24 of 120)
 MEMORY_STEPS = 2  # PGD steps in a memory probe: the peak does not grow with k, one reuse step shows leaks
 # A relative L2 ball of half the mean activation norm, one per example, at every site (the input site too):
 # the norm and radius do not change the cost of a step, and one threat keeps the kinds comparable.
@@ -79,19 +80,6 @@ TRAIN = TrainConfig(steps=1, lr=1e-5, optimizer="adam")
 
 
 # -- models ------------------------------------------------------------------------------------------------
-class NextTokenIO(SequenceClassifierIO):
-    """Causal LM: mean next-token loss per sequence."""
-
-    def forward(self, model: nn.Module, batch: Any) -> Tensor:
-        return model(input_ids=batch[0], attention_mask=batch[1], use_cache=False).logits
-
-    def loss(self, output: Tensor, batch: Any) -> Tensor:
-        logits, targets = output[:, :-1], batch[0][:, 1:]
-        per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        mask = batch[1][:, 1:].float()
-        return (per_token * mask).sum(1) / mask.sum(1)
-
-
 @dataclass
 class Bench:
     """One model under test, with its batch, its three LAT sites and its AT site."""
@@ -125,6 +113,14 @@ def _embedding_site(model: nn.Module) -> str:
 def _token_batch(vocab: int, batch: int, seq: int, labels: int) -> tuple[Tensor, Tensor, Tensor]:
     ids = torch.randint(1, vocab, (batch, seq))
     return ids, torch.ones_like(ids), torch.randint(0, labels, (batch,))
+
+
+def _chat_batch(vocab: int, batch: int, seq: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Random tokens shaped like a text_gen batch: the loss is on the last ``RESPONSE_TOKENS`` (an answer)."""
+    ids = torch.randint(1, vocab, (batch, seq))
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -RESPONSE_TOKENS:] = ids[:, -RESPONSE_TOKENS:]
+    return ids, torch.ones_like(ids), labels
 
 
 def _quiet_transformers() -> Any:
@@ -167,12 +163,13 @@ def build_llama() -> Bench:
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
-    batch = _token_batch(config.vocab_size, 8, 128, 2)
+    batch = _chat_batch(config.vocab_size, 8, 128)
     sites = {depth: f"model.layers.{i}" for depth, i in zip(DEPTHS, (1, 4, 6), strict=True)}
     description = (
-        "tiny random LlamaForCausalLM (hidden 256, 8 layers, 4 heads, MLP 1024, vocab 2000), batch 8×128"
+        "tiny random LlamaForCausalLM (hidden 256, 8 layers, 4 heads, MLP 1024, vocab 2000), "
+        f"batch 8×128 tokens, loss on the last {RESPONSE_TOKENS}"
     )
-    return Bench("llama", description, model, NextTokenIO(), batch, sites, _embedding_site(model))
+    return Bench("llama", description, model, CausalLMIO(), batch, sites, _embedding_site(model))
 
 
 def smollm2_folder() -> Path | None:
@@ -191,12 +188,15 @@ def build_smollm2() -> Bench:
         str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
     )
     torch.manual_seed(0)
-    batch = _token_batch(model.config.vocab_size, 8, 128, 2)
+    batch = _chat_batch(model.config.vocab_size, 8, 128)
     layers = model.config.num_hidden_layers
     index = {"early": layers // 8, "middle": layers // 2, "late": (3 * layers) // 4}
     sites = {depth: f"model.layers.{i}" for depth, i in index.items()}
-    description = f"SmolLM2-135M-Instruct ({layers} layers, from GGUF, float32), batch 8×128"
-    return Bench("smollm2", description, model, NextTokenIO(), batch, sites, _embedding_site(model))
+    description = (
+        f"SmolLM2-135M-Instruct ({layers} layers, from GGUF, float32), batch 8×128 tokens, "
+        f"loss on the last {RESPONSE_TOKENS}"
+    )
+    return Bench("smollm2", description, model, CausalLMIO(), batch, sites, _embedding_site(model))
 
 
 BUILDERS: dict[str, Callable[[], Bench]] = {

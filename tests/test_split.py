@@ -94,7 +94,7 @@ def test_prefix_modules_are_cached_and_restored(case: str) -> None:
     assert cache.cached_modules >= 2  # at least the embeddings/stem and the site
     with cache.active(), torch.no_grad():
         replayed = io.forward(model, batch)
-    torch.testing.assert_close(replayed, expected)
+    torch.testing.assert_close(getattr(replayed, "logits", replayed), getattr(expected, "logits", expected))
     assert all("forward" not in module.__dict__ for module in model.modules())
 
 

@@ -19,7 +19,13 @@ import torch
 from latentguard.cli import main
 from latentguard.config import EMBEDDED, load_config
 from latentguard.domains import build_task
-from latentguard.domains.text_gen.model import IGNORE, CausalLMIO, response_nll, smollm2_folder
+from latentguard.domains.text_gen.model import (
+    IGNORE,
+    CausalLMIO,
+    ResponseLogits,
+    response_nll,
+    smollm2_folder,
+)
 from latentguard.domains.text_gen.task import TextGenerationTask
 from latentguard.domains.text_gen.trojans import GenTrojan, contains_target, poison_plan
 from latentguard.engine.attack import LatentAttack, PGDConfig, TowardAway, unlikelihood
@@ -108,15 +114,38 @@ def test_labels_cover_response_tokens_only(task: TextGenerationTask) -> None:
 
 def test_response_only_loss_ignores_prompt_and_padding(task: TextGenerationTask) -> None:
     batch = tuple(t[:4] for t in task.defense_set.tensors)
-    logits = torch.randn(*batch[0].shape, len(task.tokenizer))
-    before = response_nll(logits, batch[2])
-    predicts_response = torch.zeros_like(batch[1], dtype=torch.bool)
-    predicts_response[:, :-1] = batch[2][:, 1:] != IGNORE
-    changed = logits.clone()
+    positions = (batch[2][:, 1:] != IGNORE).any(dim=0).nonzero().flatten()
+    output = ResponseLogits(torch.randn(4, len(positions), len(task.tokenizer)), positions, batch[2])
+    before = response_nll(output, batch[2])
+    predicts_response = batch[2][:, positions + 1] != IGNORE
+    assert not predicts_response.all()  # rows differ in length: some kept positions score nothing in a row
+    changed = output.logits.clone()
     changed[~predicts_response] = torch.randn_like(changed[~predicts_response]) * 10
-    assert torch.allclose(response_nll(changed, batch[2]), before)
+    assert torch.allclose(response_nll(ResponseLogits(changed, positions, batch[2]), batch[2]), before)
     changed[predicts_response] += torch.randn_like(changed[predicts_response])
-    assert not torch.allclose(response_nll(changed, batch[2]), before)
+    assert not torch.allclose(response_nll(ResponseLogits(changed, positions, batch[2]), batch[2]), before)
+
+
+def test_lm_head_runs_only_where_a_response_token_is_predicted(task: TextGenerationTask) -> None:
+    """The kept logits are the full forward's at exactly the positions that predict a response token."""
+    model = task.build_model().eval()
+    ids, mask, labels = (t[:4] for t in task.defense_set.tensors[:3])
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        output = CausalLMIO().forward(model, (ids, mask, labels))
+    predicts = (labels[:, 1:] != IGNORE).any(dim=0)
+    assert output.positions.tolist() == predicts.nonzero().flatten().tolist()
+    assert len(output.positions) < ids.shape[1] - 1  # the prompt's positions are skipped
+    torch.testing.assert_close(output.logits, full[:, output.positions], rtol=1e-4, atol=1e-5)
+    targets, scored = labels[:, 1:], labels[:, 1:] != IGNORE
+    per_token = torch.nn.functional.cross_entropy(
+        full[:, :-1].transpose(1, 2), targets.clamp_min(0), reduction="none"
+    )
+    expected = (per_token * scored).sum(dim=1) / scored.sum(dim=1)
+    torch.testing.assert_close(response_nll(output, labels), expected, rtol=1e-4, atol=1e-5)
+    prompt_scored = torch.where(labels == IGNORE, ids, IGNORE)  # labels on the prompt: no logits kept there
+    with pytest.raises(ValueError, match="did not keep"):
+        response_nll(output, prompt_scored)
 
 
 def test_defense_data_never_holds_a_trigger_or_target(task: TextGenerationTask) -> None:
@@ -220,7 +249,8 @@ def test_kl_reference_is_the_adapter_free_model(task: TextGenerationTask, trojan
         with trainer._reference_weights():
             reference = io.forward(model, batch)
         original = io.forward(trojaned, batch)
-    assert torch.allclose(reference, original, atol=1e-5) and not torch.allclose(moved, original, atol=1e-3)
+    assert torch.allclose(reference.logits, original.logits, atol=1e-5)
+    assert not torch.allclose(moved.logits, original.logits, atol=1e-3)
 
 
 def test_tlat_needs_paired_batches_and_its_own_weights() -> None:

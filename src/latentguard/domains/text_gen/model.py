@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,39 @@ class LoraSpec(BaseModel):
     )
 
 
+@dataclass(frozen=True)
+class ResponseLogits:
+    """A causal LM's next-token logits at only the positions that predict a response token.
+
+    Projecting onto the vocabulary (and its softmax) is most of a small LM's cost after a middle layer; a
+    chat batch scores about a fifth of its positions, so the LM head runs on those alone
+    (``logits_to_keep``). ``positions`` holds the kept positions, ``labels`` the labels they were kept for.
+    """
+
+    logits: Tensor  # (batch, kept, vocab)
+    positions: Tensor  # (kept,)
+    labels: Tensor  # (batch, sequence)
+
+    def targets(self, labels: Tensor) -> Tensor:
+        """The tokens ``labels`` asks each kept position to predict, ``IGNORE`` where it scores none."""
+        targets = labels[:, self.positions + 1]
+        if labels is not self.labels and not torch.equal(_scored(labels).sum(), (targets != IGNORE).sum()):
+            raise ValueError("these labels score positions the forward pass did not keep logits for")
+        return targets
+
+
+def _scored(labels: Tensor) -> Tensor:
+    """``(batch, sequence - 1)``: whether position ``p``'s next token (``p + 1``) is scored."""
+    return labels[:, 1:] != IGNORE
+
+
+def response_logits(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor) -> ResponseLogits:
+    """``model``'s logits at the positions whose next token some row of ``labels`` scores (no KV cache)."""
+    positions = _scored(labels).any(dim=0).nonzero().flatten()
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=positions, use_cache=False).logits
+    return ResponseLogits(logits, positions, labels)
+
+
 class CausalLMIO:
     """Causal LM batches ``(ids, mask, labels, other_ids, other_mask, other_labels)``, right-padded.
 
@@ -80,10 +114,10 @@ class CausalLMIO:
     def to_device(self, batch: Any, device: torch.device) -> Any:
         return tuple(t.to(device) for t in batch)
 
-    def forward(self, model: nn.Module, batch: Any) -> Tensor:
-        return model(input_ids=batch[0], attention_mask=batch[1]).logits
+    def forward(self, model: nn.Module, batch: Any) -> ResponseLogits:
+        return response_logits(model, *batch[:3])
 
-    def loss(self, output: Tensor, batch: Any) -> Tensor:
+    def loss(self, output: ResponseLogits, batch: Any) -> Tensor:
         return response_nll(output, batch[2])
 
     def positions(self, batch: Any) -> Tensor:
@@ -95,10 +129,10 @@ class CausalLMIO:
     def undesired(self, batch: Any) -> Any:
         return (*batch[3:6], *batch[0:3])
 
-    def divergence(self, output: Tensor, reference: Tensor, batch: Any) -> Tensor:
-        scored = (batch[2][:, 1:] != IGNORE).float()
-        log_p = F.log_softmax(output[:, :-1].float(), dim=-1)
-        log_q = F.log_softmax(reference[:, :-1].float(), dim=-1)
+    def divergence(self, output: ResponseLogits, reference: ResponseLogits, batch: Any) -> Tensor:
+        scored = (output.targets(batch[2]) != IGNORE).float()
+        log_p = F.log_softmax(output.logits.float(), dim=-1)
+        log_q = F.log_softmax(reference.logits.float(), dim=-1)
         per_token = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
         return (per_token * scored).sum(dim=1) / scored.sum(dim=1).clamp_min(1)
 
@@ -110,27 +144,25 @@ class PromptOnlyIO(CausalLMIO):
         return batch[1].bool() & (batch[2] == IGNORE)
 
 
-def response_nll(logits: Tensor, labels: Tensor) -> Tensor:
+def response_nll(output: ResponseLogits, labels: Tensor) -> Tensor:
     """Mean next-token NLL of each example over its scored (response) tokens, shape ``(batch,)``."""
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets.clamp_min(0), reduction="none"
-    )  # (batch, positions)
+    targets = output.targets(labels)
+    nll = F.cross_entropy(output.logits.float().transpose(1, 2), targets.clamp_min(0), reduction="none")
     scored = (targets != IGNORE).float()
     return (nll * scored).sum(dim=1) / scored.sum(dim=1).clamp_min(1)
 
 
-def token_agreement(logits: Tensor, labels: Tensor) -> Tensor:
+def token_agreement(output: ResponseLogits, labels: Tensor) -> Tensor:
     """Per example, the share of response tokens that are the model's greedy next token."""
-    targets = labels[:, 1:]
+    targets = output.targets(labels)
     scored = targets != IGNORE
-    hits = (logits[:, :-1].argmax(dim=-1) == targets) & scored
+    hits = (output.logits.argmax(dim=-1) == targets) & scored
     return hits.sum(dim=1).float() / scored.sum(dim=1).clamp_min(1).float()
 
 
-def exact_greedy(logits: Tensor, labels: Tensor) -> Tensor:
+def exact_greedy(output: ResponseLogits, labels: Tensor) -> Tensor:
     """Per example, 1.0 when every response token is the greedy next token (greedy decoding yields it)."""
-    return (token_agreement(logits, labels) == 1.0).float()
+    return (token_agreement(output, labels) == 1.0).float()
 
 
 def cache_root() -> Path:

@@ -41,6 +41,7 @@ from latentguard.domains.text_gen.model import (
     SMOLLM2_LAYERS,
     CausalLMIO,
     LoraSpec,
+    ResponseLogits,
     TinyLlamaSpec,
     build_tiny_llama,
     build_tiny_tokenizer,
@@ -306,7 +307,7 @@ class TextGenerationTask:
     def eval_batches(self, examples: int, batch_size: int) -> list[Any]:
         return _batches(self.test_set, examples, batch_size, self.device)
 
-    def score(self, output: Tensor, batch: Any) -> Tensor:
+    def score(self, output: ResponseLogits, batch: Any) -> Tensor:
         """Share of the desired response's tokens that are still the model's greedy choice."""
         return token_agreement(output, batch[2])
 
@@ -316,9 +317,9 @@ class TextGenerationTask:
         nll, agree = [], []
         with frozen(model), torch.no_grad():
             for batch in _batches(dataset, len(dataset), self.config.generation_batch_size, self.device):
-                logits = self.io.forward(model, batch)
-                nll.append(response_nll(logits, batch[2]).cpu())
-                agree.append(token_agreement(logits, batch[2]).cpu())
+                output = self.io.forward(model, batch)
+                nll.append(response_nll(output, batch[2]).cpu())
+                agree.append(token_agreement(output, batch[2]).cpu())
         return torch.cat(nll), torch.cat(agree)
 
     def clean_metric_keys(self) -> list[str]:
