@@ -143,6 +143,15 @@ def test_lm_head_runs_only_where_a_response_token_is_predicted(task: TextGenerat
     )
     expected = (per_token * scored).sum(dim=1) / scored.sum(dim=1)
     torch.testing.assert_close(response_nll(output, labels), expected, rtol=1e-4, atol=1e-5)
+
+    class AllPositions(torch.nn.Module):  # a causal LM that ignores logits_to_keep (older transformers)
+        def forward(self, **kwargs: Any) -> Any:
+            kwargs.pop("logits_to_keep")
+            return model(**kwargs)
+
+    with torch.no_grad():
+        gathered = CausalLMIO().forward(AllPositions(), (ids, mask, labels))
+    torch.testing.assert_close(gathered.logits, output.logits, rtol=1e-4, atol=1e-5)
     prompt_scored = torch.where(labels == IGNORE, ids, IGNORE)  # labels on the prompt: no logits kept there
     with pytest.raises(ValueError, match="did not keep"):
         response_nll(output, prompt_scored)

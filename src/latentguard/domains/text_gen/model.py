@@ -100,6 +100,8 @@ def response_logits(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor)
     """``model``'s logits at the positions whose next token some row of ``labels`` scores (no KV cache)."""
     positions = _scored(labels).any(dim=0).nonzero().flatten()
     logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=positions, use_cache=False).logits
+    if logits.shape[1] != len(positions):  # a model without ``logits_to_keep`` returns every position
+        logits = logits[:, positions]
     return ResponseLogits(logits, positions, labels)
 
 
