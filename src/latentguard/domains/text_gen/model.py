@@ -74,8 +74,9 @@ class LoraSpec(BaseModel):
 class ResponseLogits:
     """A causal LM's next-token logits at only the positions that predict a response token.
 
-    Projecting onto the vocabulary (and its softmax) is most of a small LM's cost after a middle layer; a
-    chat batch scores about a fifth of its positions, so the LM head runs on those alone
+    Projecting onto the vocabulary (and its softmax) is a large, fixed share of a small LM's cost after any
+    layer (SmolLM2: about a third after its middle block); a chat batch scores about a fifth of its
+    positions, so the LM head runs on those alone
     (``logits_to_keep``). ``positions`` holds the kept positions, ``labels`` the labels they were kept for.
     """
 
