@@ -114,3 +114,78 @@ def test_objectives_that_run_other_inputs_disable_the_cache() -> None:
 
     attack = LatentAttack(["block2"], Threat(epsilon=0.1), PGDConfig(steps=2), objective=other_inputs)
     assert attack.prefix_cache(model) is None
+
+
+class Residual(nn.Module):
+    """``head(pre(x) + site(pre(x)))``; from call ``in_place_from_call`` the sum goes into pre's output."""
+
+    def __init__(self, in_place_from_call: int | None = None) -> None:
+        super().__init__()
+        self.pre, self.site, self.head = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.in_place_from_call = in_place_from_call
+        self.calls = 0
+        self.residual_pointers: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        residual = self.pre(x)
+        self.residual_pointers.append(residual.data_ptr())
+        hidden = self.site(residual)
+        if self.in_place_from_call is not None and self.calls >= self.in_place_from_call:
+            residual += hidden  # modifies the cached output of ``pre``
+            return self.head(residual)
+        return self.head(residual + hidden)
+
+
+def _residual_batch() -> tuple[Tensor, Tensor]:
+    torch.manual_seed(0)
+    return torch.randn(4, 5), torch.randint(0, 3, (4,))
+
+
+def test_a_suffix_that_modifies_the_prefix_in_place_still_agrees_with_the_hook_path() -> None:
+    results = {}
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        model = Residual(in_place_from_call=1)
+        attack = LatentAttack(["site"], Threat(epsilon=0.5), PGDConfig(steps=5, reuse_prefix=reuse))
+        torch.manual_seed(1)
+        results[reuse] = attack(model, ClassifierIO(), _residual_batch())
+    torch.testing.assert_close(results[True].deltas["site"], results[False].deltas["site"])
+    assert results[True].losses == pytest.approx(results[False].losses, rel=1e-5)
+
+
+def test_an_untouched_prefix_output_is_handed_out_without_a_copy_after_the_first_step() -> None:
+    torch.manual_seed(0)
+    model = Residual()
+    LatentAttack(["site"], Threat(epsilon=0.5), PGDConfig(steps=4))(model, ClassifierIO(), _residual_batch())
+    recorded, *steps = model.residual_pointers[-5:]  # the recording pass, then one call per PGD step
+    assert steps[0] != recorded  # the first step gets a copy
+    assert steps[1:] == [recorded] * 3  # then the recorded tensor itself
+
+
+def test_an_in_place_change_that_starts_late_is_an_error_not_a_wrong_cache() -> None:
+    torch.manual_seed(0)
+    model = Residual(in_place_from_call=4)  # the recording and two steps leave it alone, the third changes it
+    attack = LatentAttack(["site"], Threat(epsilon=0.5), PGDConfig(steps=4))
+    with pytest.raises(RuntimeError, match="reuse_prefix"):
+        attack(model, ClassifierIO(), _residual_batch())
+
+
+class AddsIntoSite(Residual):
+    """``head(site(pre(x)) + pre(x))`` with the sum written into the site's own output."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        residual = self.pre(x)
+        hidden = self.site(residual)
+        hidden += residual
+        return self.head(hidden)
+
+
+def test_the_captured_clean_activation_is_the_sites_output_even_if_later_layers_change_it() -> None:
+    torch.manual_seed(0)
+    model = AddsIntoSite()
+    inputs, labels = _residual_batch()
+    attack = LatentAttack(["site"], Threat(epsilon=0.5), PGDConfig(steps=2))
+    captured = attack.capture(model, ClassifierIO(), (inputs, labels))["site"]
+    with torch.no_grad():
+        torch.testing.assert_close(captured, model.site(model.pre(inputs)))

@@ -85,7 +85,7 @@ class Intervention:
     def _apply(self, site: str, value: Tensor) -> Tensor:
         self.fired[site] += 1
         if self.capture:
-            self.activations[site] = value.detach()
+            self.activations[site] = value.detach().clone()  # later layers may change it in place
         delta = self.deltas.get(site)
         if delta is None:
             return value

@@ -43,7 +43,12 @@ class _Trace:
     ends: dict[nn.Module, int] = field(default_factory=dict)
     calls: dict[nn.Module, int] = field(default_factory=dict)
     outputs: dict[nn.Module, Any] = field(default_factory=dict)
+    versions: dict[nn.Module, list[int]] = field(default_factory=dict)  # of ``outputs`` when returned
     clock: int = 0
+
+    def unchanged(self, module: nn.Module) -> bool:
+        """Whether nothing later in the pass changed the module's output in place (else it cannot replay)."""
+        return _versions(self.outputs[module]) == self.versions[module]
 
 
 class PrefixCache:
@@ -73,6 +78,7 @@ class PrefixCache:
             trace.ends[module] = trace.clock
             if not any(site in trace.starts for site in self.sites) or module in self.sites:
                 trace.outputs[module] = output
+                trace.versions[module] = _versions(output)
 
         for module in names:
             handles.append(module.register_forward_pre_hook(before))
@@ -93,10 +99,11 @@ class PrefixCache:
         first_start = min(started)
         first_site = next(site for site in self.sites if trace.starts.get(site) == first_start)
         chosen: dict[nn.Module, Any] = {}
-        if trace.calls.get(first_site) == 1:
+        if trace.calls.get(first_site) == 1 and trace.unchanged(first_site):
             chosen[first_site] = trace.outputs[first_site]
         for module, end in trace.ends.items():
-            if end < first_start and trace.calls[module] == 1 and module in trace.outputs:
+            once = trace.calls[module] == 1 and module in trace.outputs
+            if end < first_start and once and trace.unchanged(module):
                 chosen[module] = trace.outputs[module]
 
         # keep only the outermost: a cached parent never calls its children
@@ -121,7 +128,7 @@ class PrefixCache:
         try:
             for module, output in self.cached.items():
                 patched.append((module, module.__dict__.get("forward")))
-                module.forward = _replay(output)  # type: ignore[method-assign]
+                module.forward = _Replay(output)  # type: ignore[method-assign]
             yield
         finally:
             for module, previous in patched:
@@ -131,8 +138,44 @@ class PrefixCache:
                     module.forward = previous  # type: ignore[method-assign]
 
 
-def _replay(output: Any) -> Callable[..., Any]:
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return _clone(output)
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors inside a module output (nested tuples, lists, dicts and named tuples)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []
 
-    return forward
+
+def _versions(value: Any) -> list[int]:
+    """The version counters of a value's tensors: they move on every in-place change."""
+    return [tensor._version for tensor in _tensors(value)]
+
+
+class _Replay:
+    """A cached module's forward: its recorded output, copied until the suffix is seen to leave it alone.
+
+    The first replay hands out a copy. If no step modified that copy in place, later replays hand out the
+    recorded tensors themselves (no copy per PGD step); their version counters guard the promise.
+    """
+
+    def __init__(self, output: Any) -> None:
+        self.output = output
+        self.versions = _versions(output)
+        self.copy: Any = None
+        self.shared = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.shared and self.copy is not None:
+            self.shared = all(tensor._version == 0 for tensor in _tensors(self.copy))
+        if not self.shared:
+            self.copy = _clone(self.output)
+            return self.copy
+        if _versions(self.output) != self.versions:
+            raise RuntimeError(
+                "a module after the perturbed site modified a cached prefix output in place on a later "
+                "PGD step only; set pgd.reuse_prefix: false for this model"
+            )
+        return self.output
