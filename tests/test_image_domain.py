@@ -340,3 +340,13 @@ def test_missing_torchattacks_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -
     spec = ImageAttackSpec(name="pgd", kind="pgd", norm="linf", epsilon=0.1, examples=2)
     with pytest.raises(UserError, match=r"pip install --no-deps torchattacks==3\.5\.1"):
         run_attack(ResNetCNN(width=4), torch.rand(2, 1, 28, 28), torch.tensor([0, 1]), spec)
+
+
+def test_the_spatial_attack_fools_a_fashion_mnist_model_without_torchattacks(
+    models: dict[str, nn.Module], test_set: tuple[Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # the spatial attack does not need it
+    spec = ImageAttackSpec(name="spatial", kind="spatial", examples=200)
+    outcome = run_attack(models["clean"], *test_set, spec, batch_size=100)
+    assert outcome.clean_accuracy > 0.7
+    assert outcome.robust_accuracy < outcome.clean_accuracy - 0.2  # ±30°, ±3 px breaks an unaugmented CNN

@@ -19,6 +19,7 @@ FAST = [
     "--set", "evaluation.attacks.pgd_l2.examples=60",
     "--set", "evaluation.attacks.autoattack_linf.examples=8",
     "--set", "evaluation.attacks.square_linf.examples=16",
+    "--set", "evaluation.attacks.spatial.examples=60",
     "--set", "evaluation.latent_examples=60",
 ]  # fmt: skip
 
@@ -48,6 +49,7 @@ def test_results_cover_every_defense_and_metric(quick_run: Path) -> None:
     keys = set(results["records"][0]["metrics"])
     assert {"clean_accuracy", "asr/patch", "asr/blend", "asr/sinusoid"} <= keys
     assert {"robust/pgd_linf", "robust/pgd_l2", "robust/autoattack_linf", "robust/square_linf"} <= keys
+    assert "robust/spatial" in keys
     assert {"latent/stem", "latent/block1", "latent/block2", "latent/block3"} <= keys
     for record in results["records"]:
         metrics = record["metrics"]
@@ -59,7 +61,7 @@ def test_results_cover_every_defense_and_metric(quick_run: Path) -> None:
     lat = next(r for r in results["records"] if r["defense"] == "lat")
     assert lat["calibration"]["block2"]["epsilon_abs"] > 0
     seen = {t["name"]: t["seen_by"] for t in results["heldout_threats"]}
-    assert seen["pgd_l2"] == ["at"] and seen["pgd_linf"] == []
+    assert seen["pgd_l2"] == ["at"] and seen["pgd_linf"] == [] and seen["spatial"] == []
     assert seen["latent/block2"] == ["lat"] and seen["latent/block3"] == []
 
 
@@ -69,7 +71,7 @@ def test_report_separates_training_and_heldout_threats(quick_run: Path) -> None:
     heldout = report.index("Held-out threats")
     assert training < heldout
     assert "latent PGD at block2" in report[training:heldout]
-    assert "torchattacks" in report[heldout:]
+    assert "torchattacks" in report[heldout:] and "spatial attack (rotation ±30°" in report[heldout:]
     for defense in ("none", "clean", "at", "lat", "rlat"):
         assert f"| {defense} " in report
     assert "±" in report

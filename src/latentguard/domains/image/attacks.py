@@ -1,8 +1,10 @@
-"""Held-out input-space attacks on image classifiers, run through torchattacks.
+"""Held-out input-space attacks on image classifiers: Lp attacks through torchattacks, and a spatial one.
 
-These attacks judge a defense, so they come from an independent library rather than latentguard's own PGD
-engine: a bug shared by the training adversary and the evaluator could not then hide a weakness. torchattacks
-is imported only when an attack runs, so the rest of the image domain works without it.
+These attacks judge a defense, so the Lp attacks come from an independent library rather than latentguard's
+own PGD engine: a bug shared by the training adversary and the evaluator could not then hide a weakness.
+The spatial attack (rotations and shifts, ``spatial.py``) is a grid search with nothing in common with the
+training adversary, and a threat class no Lp budget covers. torchattacks is imported only when an Lp attack
+runs, so the rest of the image domain works without it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from latentguard.domains.image.spatial import SpatialGrid, spatial_attack
 from latentguard.errors import UserError
 
 _LIBRARY = "torchattacks"
@@ -26,14 +29,14 @@ AUTOATTACK_STANDARD: tuple[AutoAttackPart, ...] = ("apgd-ce", "apgd-t", "fab-t",
 
 
 class ImageAttackSpec(BaseModel):
-    """One held-out attack: which torchattacks attack, its threat (norm, ε in pixel units), its cost."""
+    """One held-out attack: which attack, its threat (norm and pixel ε, or a spatial grid), its cost."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
-    kind: Literal["pgd", "autoattack", "square"]
-    norm: Literal["linf", "l2"]
-    epsilon: float = Field(gt=0.0)
+    kind: Literal["pgd", "autoattack", "square", "spatial"]
+    norm: Literal["linf", "l2"] | None = Field(None, description="Lp attacks only")
+    epsilon: float | None = Field(None, gt=0.0, description="Lp attacks only")
     steps: int = Field(default=20, ge=1, description="PGD iterations (pgd only)")
     queries: int = Field(default=1000, ge=1, description="model queries per example (square only)")
     examples: int = Field(default=500, gt=0, description="attack the first N test images: a fixed subset")
@@ -44,6 +47,23 @@ class ImageAttackSpec(BaseModel):
         description="autoattack only: which parts of the standard ensemble run, in its order "
         "(Square's 5,000 queries cost ~1 s per robust image on a CPU)",
     )
+    max_rotation: float = Field(30.0, ge=0.0, le=180.0, description="spatial only: degrees either way")
+    max_translation: float = Field(3.0, ge=0.0, description="spatial only: pixels either way, each axis")
+    rotations: int = Field(11, ge=1, description="spatial only: grid points over the rotation range")
+    translations: int = Field(5, ge=1, description="spatial only: grid points over each shift range")
+
+    @model_validator(mode="after")
+    def _threat_fits_kind(self) -> ImageAttackSpec:
+        lp = self.kind != "spatial"
+        if lp and (self.norm is None or self.epsilon is None):
+            raise ValueError(f"kind {self.kind!r} needs norm (linf or l2) and epsilon")
+        if not lp and (self.norm is not None or self.epsilon is not None):
+            raise ValueError("kind 'spatial' takes no norm or epsilon: its budget is a rotation and shift")
+        return self
+
+    @property
+    def grid(self) -> SpatialGrid:
+        return SpatialGrid(self.max_rotation, self.max_translation, self.rotations, self.translations)
 
     @model_validator(mode="after")
     def _components_in_order(self) -> ImageAttackSpec:
@@ -54,6 +74,9 @@ class ImageAttackSpec(BaseModel):
 
     def describe(self) -> str:
         """One line naming the library, its version, the attack and its budget."""
+        if self.kind == "spatial":
+            attack = f"worst-of-grid spatial attack ({self.grid.describe()})"
+            return f"latentguard {attack} on {self.examples} test images"
         try:
             library = f"{_LIBRARY} {metadata.version(_LIBRARY)}"
         except metadata.PackageNotFoundError:
@@ -91,7 +114,11 @@ def _import_torchattacks() -> Any:
 def _build_attack(
     torchattacks: Any, model: nn.Module, spec: ImageAttackSpec, num_classes: int, seed: int
 ) -> Any:
-    """The torchattacks object for ``spec``."""
+    """A callable ``(images, labels) -> adversarial images`` for ``spec`` (a torchattacks object for Lp)."""
+    if spec.kind == "spatial":
+        grid = spec.grid
+        return lambda images, labels: spatial_attack(model, images, labels, grid)
+    assert spec.norm is not None and spec.epsilon is not None  # the spec's validator requires both
     norm = _NORM_NAMES[spec.norm]
     if spec.kind == "pgd":
         alpha = spec.step_ratio * spec.epsilon / spec.steps
@@ -126,14 +153,15 @@ def _autoattack(
 
 def _check_budget(adversarial: Tensor, clean: Tensor, spec: ImageAttackSpec) -> None:
     """Fail loudly if the library returned images outside the threat model: accuracy would mean nothing."""
-    delta = (adversarial - clean).flatten(1)
-    size = delta.abs().amax(dim=1) if spec.norm == "linf" else delta.norm(dim=1)
-    tolerance = 1e-3 * spec.epsilon + 1e-5
-    if delta.numel() and float(size.max()) > spec.epsilon + tolerance:
-        raise RuntimeError(
-            f"attack {spec.name!r} returned a perturbation of {spec.norm} size {float(size.max()):.4g} "
-            f"> epsilon {spec.epsilon:g}"
-        )
+    if spec.norm is not None and spec.epsilon is not None:
+        delta = (adversarial - clean).flatten(1)
+        size = delta.abs().amax(dim=1) if spec.norm == "linf" else delta.norm(dim=1)
+        tolerance = 1e-3 * spec.epsilon + 1e-5
+        if delta.numel() and float(size.max()) > spec.epsilon + tolerance:
+            raise RuntimeError(
+                f"attack {spec.name!r} returned a perturbation of {spec.norm} size {float(size.max()):.4g} "
+                f"> epsilon {spec.epsilon:g}"
+            )
     if float(adversarial.min()) < -1e-6 or float(adversarial.max()) > 1.0 + 1e-6:
         raise RuntimeError(f"attack {spec.name!r} returned pixels outside [0, 1]")
 
@@ -154,7 +182,7 @@ def run_attack(
     robust accuracy ≤ clean accuracy whatever the attack returns for already-misclassified images. Runs
     under a forked RNG seeded with ``seed``: reproducible, and the caller's random state is untouched.
     """
-    torchattacks = _import_torchattacks()
+    torchattacks = None if spec.kind == "spatial" else _import_torchattacks()
     device = torch.device(device)
     count = min(spec.examples, labels.shape[0])
     if count == 0:

@@ -177,7 +177,7 @@ class ImageTask:
                 name=spec.name,
                 description=spec.describe(),
                 site=self.input_site,
-                norm=spec.norm,
+                norm=spec.norm or "spatial",  # no training threat is spatial: held out for every defense
                 epsilon=spec.epsilon,
                 black_box=spec.kind == "square",
             )
