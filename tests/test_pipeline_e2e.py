@@ -71,7 +71,7 @@ def test_report_separates_training_and_heldout_threats(quick_run: Path) -> None:
     heldout = report.index("Held-out threats")
     assert training < heldout
     assert "latent PGD at block2" in report[training:heldout]
-    assert "torchattacks" in report[heldout:] and "spatial attack (rotation ±30°" in report[heldout:]
+    assert "torchattacks" in report[heldout:] and "spatial attack (rotation ±10°" in report[heldout:]
     for defense in ("none", "clean", "at", "lat", "rlat"):
         assert f"| {defense} " in report
     assert "±" in report
