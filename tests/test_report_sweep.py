@@ -10,6 +10,7 @@ from latentguard.report import (
     BY_LAYER_FILE,
     PARETO_ROBUST_FILE,
     PARETO_TROJAN_FILE,
+    PER_ATTACK_PREFIX,
     _curves,
     _is_curve,
     _layer_series,
@@ -161,3 +162,23 @@ def test_pareto_section_lists_only_non_dominated_defenses() -> None:
     assert "`at:eps=1` (0.860, 0.340)" in heldout  # clean: 0.85 + 0.01 * seed over seeds 0..2
     assert "lat@block1:eps=1`" not in heldout
     assert any(line.startswith("**clean accuracy vs mean trojan ASR") for line in section.splitlines())
+
+
+def test_several_held_out_attacks_get_a_pareto_plot_and_front_each(tmp_path: Path) -> None:
+    """A mean over attacks of different classes can hide that a defense wins on one: each is shown alone."""
+    results = sweep_results()
+    results["metrics"].append(
+        {"key": "robust/spatial", "label": "spatial", "group": "heldout", "higher_is_better": True}
+    )
+    for record in results["records"]:  # LAT at block2 is the best against this attack, AT the worst
+        layer_bonus = 0.3 if record["sites"] == ["block2"] and record["kind"] == "lat" else 0.0
+        record["metrics"]["robust/spatial"] = 0.2 + layer_bonus - (0.1 if record["kind"] == "at" else 0.0)
+    written = [p.name for p in write_report(results, tmp_path)]
+    per_attack = [f"{PER_ATTACK_PREFIX}pgd_linf.png", f"{PER_ATTACK_PREFIX}spatial.png"]
+    assert written[-2:] == per_attack
+    report = (tmp_path / "report.md").read_text()
+    assert f"![Clean accuracy vs held-out spatial]({per_attack[1]})" in report
+    fronts = _section(report, "Pareto fronts")
+    spatial_front = next(line for line in fronts.splitlines() if "vs spatial alone" in line)
+    assert "`lat@block2:eps=0.1`" in spatial_front and "`at:" not in spatial_front
+    assert write_report(sweep_results(), tmp_path / "one")[-1].name == BY_LAYER_FILE  # one attack: no extra

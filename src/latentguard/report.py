@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ REPORT_FILE = "report.md"
 PARETO_ROBUST_FILE = "pareto_clean_vs_robust.png"
 PARETO_TROJAN_FILE = "pareto_clean_vs_trojan.png"
 BY_LAYER_FILE = "metric_by_layer.png"
+PER_ATTACK_PREFIX = "pareto_clean_vs_heldout_"  # + attack name + ".png": one per held-out attack
 
 # Column order of the main table; groups not listed here follow, in order of appearance.
 GROUP_ORDER = ("clean", "trojan", "heldout", "latent", "seen")
@@ -201,10 +203,11 @@ def _family(record: dict) -> str:
     return kind
 
 
-def _pareto_points(results: dict, y_group: str) -> list[_Point]:
-    """Per defense: clean metric vs the per-seed mean of ``y_group``'s metrics, each mean ± std over seeds."""
+def _pareto_points(results: dict, y_group: str, y_keys: Sequence[str] | None = None) -> list[_Point]:
+    """Per defense: clean metric vs the per-seed mean of ``y_keys`` (default: ``y_group``'s metrics), each
+    mean ± std over seeds."""
     clean = _clean_metric(results)
-    y_keys = _group_keys(results, y_group)
+    y_keys = _group_keys(results, y_group) if y_keys is None else list(y_keys)
     if clean is None or not y_keys:
         return []
     points = []
@@ -292,21 +295,36 @@ def _direction(results: dict, group: str) -> bool | None:
     return directions.pop() if len(directions) == 1 else None
 
 
-def plot_pareto(results: dict, path: Path, y_group: str = "heldout") -> Path | None:
+def _per_attack_plots(results: dict) -> dict[str, str]:
+    """Held-out metric key -> plot file, when there are several: their mean mixes threat classes."""
+    keys = _group_keys(results, "heldout")
+    if len(keys) < 2:
+        return {}
+    return {
+        key: f"{PER_ATTACK_PREFIX}{re.sub(r'[^A-Za-z0-9_.-]+', '_', key.split('/')[-1])}.png" for key in keys
+    }
+
+
+def plot_pareto(
+    results: dict, path: Path, y_group: str = "heldout", metric: str | None = None
+) -> Path | None:
     """Scatter clean metric (x) against the mean of ``y_group``'s metrics (y) per defense; ``None`` if empty.
+
+    ``metric`` (a key of that group) plots that one metric instead of the group's mean.
 
     Each point is the mean over seeds with ±1 sample-std error bars. The points of one family (``at``,
     ``lat@block2``, …) that differ only in budget are joined in budget order and labelled by ε; other points
     are labelled by defense name. The non-dominated points are joined as the Pareto front.
     """
-    points = _pareto_points(results, y_group)
+    points = _pareto_points(results, y_group, None if metric is None else [metric])
     if not points:
         return None
     from matplotlib.lines import Line2D
 
     clean = _clean_metric(results)
     assert clean is not None  # _pareto_points returns [] otherwise
-    higher = _direction(results, y_group)
+    single = next((m for m in _metrics(results) if m.key == metric), None)
+    higher = _direction(results, y_group) if single is None else single.higher_is_better
     curves = _curves(points)
     colours = _family_colours(list(curves), {p.family: p.kind for p in points})
     fig = _new_figure(9.0 if len(curves) > 4 else 7.0, 5.5 if len(curves) > 4 else 5.0)
@@ -352,20 +370,19 @@ def plot_pareto(results: dict, path: Path, y_group: str = "heldout") -> Path | N
         loc="upper left",
         bbox_to_anchor=(1.01, 1.0),  # outside: never hides a point
     )
-    if y_group == "trojan":
+    better = "" if higher is None else f" ({'higher' if higher else 'lower'} is better{_arrow(higher)})"
+    if single is not None:
+        y_label = f"robust accuracy under {single.label}{better}"
+    elif y_group == "trojan":
         y_label = "mean trojan ASR (lower is better ↓)"
     else:
         title = GROUP_TITLES.get(y_group, y_group).lower()
         what = "robust accuracy" if y_group in ("heldout", "seen") else "metric"
-        better = "" if higher is None else f" ({'higher' if higher else 'lower'} is better{_arrow(higher)})"
         y_label = f"mean {title} {what}{better}"
     ax.set_xlabel(f"{clean.label}{clean.arrow}")
     ax.set_ylabel(y_label)
-    ax.set_title(
-        f"{results.get('name', 'run')}: clean vs {GROUP_TITLES.get(y_group, y_group)}"
-        " (mean ± std over seeds)",
-        fontsize=10,
-    )
+    against = GROUP_TITLES.get(y_group, y_group) if single is None else f"held-out {single.label}"
+    ax.set_title(f"{results.get('name', 'run')}: clean vs {against} (mean ± std over seeds)", fontsize=10)
     ax.grid(True, alpha=0.3)
     return _save_png(fig, path)
 
@@ -816,6 +833,14 @@ def _pareto_section(results: dict) -> list[str]:
         front = _pareto_front(points, higher)
         listed = ", ".join(f"`{p.defense}` ({p.x:.3f}, {p.y:.3f})" for p in front)
         lines += [f"**{clean.label} vs {what}** (means over seeds): {listed}.", ""]
+    for key in _per_attack_plots(results):
+        metric = next(m for m in _metrics(results) if m.key == key)
+        points = _pareto_points(results, "heldout", [key])
+        if clean is None or len(points) < 2 or metric.higher_is_better is None:
+            continue
+        front = _pareto_front(points, metric.higher_is_better)
+        listed = ", ".join(f"`{p.defense}` ({p.x:.3f}, {p.y:.3f})" for p in front)
+        lines += [f"**{clean.label} vs {metric.label} alone**: {listed}.", ""]
     if len(lines) == 2:
         return []
     return [
@@ -908,6 +933,8 @@ def _plot_section(plots: Sequence[str]) -> list[str]:
         return [*lines, "No plots: not enough data.", ""]
     for name in plots:
         title = titles.get(name, name)
+        if name.startswith(PER_ATTACK_PREFIX):
+            title = f"Clean accuracy vs held-out {name[len(PER_ATTACK_PREFIX) : -len('.png')]}"
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     return lines
 
@@ -921,6 +948,9 @@ def _default_plots(results: dict) -> list[str]:
         plots.append(PARETO_TROJAN_FILE)
     if _layer_series(results) is not None:
         plots.append(BY_LAYER_FILE)
+    plots += [
+        name for key, name in _per_attack_plots(results).items() if _pareto_points(results, "heldout", [key])
+    ]
     return plots
 
 
@@ -962,6 +992,10 @@ def write_report(results: dict, out_dir: Path) -> list[Path]:
             plot_pareto(results, out_dir / PARETO_ROBUST_FILE, "heldout"),
             plot_pareto(results, out_dir / PARETO_TROJAN_FILE, "trojan"),
             plot_by_layer(results, out_dir / BY_LAYER_FILE),
+            *(
+                plot_pareto(results, out_dir / name, metric=key)
+                for key, name in _per_attack_plots(results).items()
+            ),
         )
         if p is not None
     ]
