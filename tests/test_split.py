@@ -14,6 +14,7 @@ from latentguard.engine.attack import LatentAttack, PGDConfig
 from latentguard.engine.io import ClassifierIO
 from latentguard.engine.split import PrefixCache
 from latentguard.engine.threat import Threat
+from latentguard.errors import SiteError
 
 
 def tiny_cnn() -> tuple[nn.Module, Any, Any]:
@@ -167,7 +168,7 @@ def test_an_in_place_change_that_starts_late_is_an_error_not_a_wrong_cache() -> 
     torch.manual_seed(0)
     model = Residual(in_place_from_call=4)  # the recording and two steps leave it alone, the third changes it
     attack = LatentAttack(["site"], Threat(epsilon=0.5), PGDConfig(steps=4))
-    with pytest.raises(RuntimeError, match="reuse_prefix"):
+    with pytest.raises(SiteError, match="reuse_prefix"):
         attack(model, ClassifierIO(), _residual_batch())
 
 

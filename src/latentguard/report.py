@@ -826,21 +826,24 @@ def _pareto_section(results: dict) -> list[str]:
     """The defenses no other defense beats on both clean metric and robustness (or trojan ASR), by mean."""
     clean = _clean_metric(results)
     lines = ["## Pareto fronts", ""]
-    for group, what in (("heldout", "mean held-out robust accuracy"), ("trojan", "mean trojan ASR")):
-        points, higher = _pareto_points(results, group), _direction(results, group)
+    by_metric = {m.key: m for m in _metrics(results)}
+    fronts: list[tuple[str, list[_Point], bool | None]] = [
+        (f"{what}** (means over seeds)", _pareto_points(results, group), _direction(results, group))
+        for group, what in (("heldout", "mean held-out robust accuracy"), ("trojan", "mean trojan ASR"))
+    ]
+    fronts += [
+        (
+            f"{by_metric[key].label} alone**",
+            _pareto_points(results, "heldout", [key]),
+            by_metric[key].higher_is_better,
+        )
+        for key in _per_attack_plots(results)
+    ]
+    for what, points, higher in fronts:
         if clean is None or len(points) < 2 or higher is None:
             continue
-        front = _pareto_front(points, higher)
-        listed = ", ".join(f"`{p.defense}` ({p.x:.3f}, {p.y:.3f})" for p in front)
-        lines += [f"**{clean.label} vs {what}** (means over seeds): {listed}.", ""]
-    for key in _per_attack_plots(results):
-        metric = next(m for m in _metrics(results) if m.key == key)
-        points = _pareto_points(results, "heldout", [key])
-        if clean is None or len(points) < 2 or metric.higher_is_better is None:
-            continue
-        front = _pareto_front(points, metric.higher_is_better)
-        listed = ", ".join(f"`{p.defense}` ({p.x:.3f}, {p.y:.3f})" for p in front)
-        lines += [f"**{clean.label} vs {metric.label} alone**: {listed}.", ""]
+        listed = ", ".join(f"`{p.defense}` ({p.x:.3f}, {p.y:.3f})" for p in _pareto_front(points, higher))
+        lines += [f"**{clean.label} vs {what}: {listed}.", ""]
     if len(lines) == 2:
         return []
     return [

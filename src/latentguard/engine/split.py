@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from latentguard.engine.site import INPUT, resolve_module
+from latentguard.errors import SiteError
 
 
 def _clone(value: Any) -> Any:
@@ -174,7 +175,7 @@ class _Replay:
             self.copy = _clone(self.output)
             return self.copy
         if _versions(self.output) != self.versions:
-            raise RuntimeError(
+            raise SiteError(
                 "a module after the perturbed site modified a cached prefix output in place on a later "
                 "PGD step only; set pgd.reuse_prefix: false for this model"
             )
