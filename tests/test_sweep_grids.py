@@ -32,7 +32,8 @@ def test_image_sweep_config_expands_every_kind() -> None:
     assert names[2:6] == ["at:eps=0.25", "at:eps=0.5", "at:eps=1", "at:eps=2"]
     lat = [d for d in config.defenses if d.kind == "lat"]
     assert len(lat) == 16 and {d.sites[0] for d in lat} == {"stem", "block1", "block2", "block3"}
-    assert next(d.name for d in config.defenses if d.kind == "rlat") == "rlat@stem:eps=0.5"
+    rlat = [d.name for d in config.defenses if d.kind == "rlat"]
+    assert rlat == ["rlat@stem:eps=0.5", "rlat@block3:eps=0.5"]
     at = config.defenses[5]
     assert at.sites == [] and at.threat is not None and at.threat.epsilon == 2.0 and at.threat.norm == "l2"
     assert at.pgd.steps == 3 and at.clean_weight == 0.5  # the rest comes from the template
