@@ -42,6 +42,8 @@ def test_the_grid_has_the_identity_first_and_every_point_once() -> None:
     assert transforms[0] == (0.0, 0.0, 0.0)
     assert len(transforms) == len(set(transforms)) == 27
     assert {t[0] for t in transforms} == {-30.0, 0.0, 30.0}
+    assert {t[0] for t in SpatialGrid(30.0, 3.0, rotations=1, translations=3).transforms()} == {0.0}
+    assert len(SpatialGrid(0.0, 0.0, rotations=5, translations=3).transforms()) == 1  # only the identity
 
 
 class LeftHalf(nn.Module):

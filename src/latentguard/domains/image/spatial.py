@@ -26,17 +26,24 @@ class SpatialGrid:
     translations: int
 
     def transforms(self) -> list[tuple[float, float, float]]:
-        """Every ``(degrees, shift_x, shift_y)`` of the grid, the identity first."""
-        angles = torch.linspace(-self.max_rotation, self.max_rotation, self.rotations).tolist()
-        shifts = torch.linspace(-self.max_translation, self.max_translation, self.translations).tolist()
+        """Every distinct ``(degrees, shift_x, shift_y)`` of the grid, the identity first."""
+        angles = _symmetric(self.max_rotation, self.rotations)
+        shifts = _symmetric(self.max_translation, self.translations)
         grid = [(a, x, y) for a in angles for x in shifts for y in shifts]
-        return [(0.0, 0.0, 0.0)] + [t for t in grid if t != (0.0, 0.0, 0.0)]
+        return list(dict.fromkeys([(0.0, 0.0, 0.0), *grid]))
 
     def describe(self) -> str:
         return (
             f"rotation ±{self.max_rotation:g}°, translation ±{self.max_translation:g} px, "
             f"{self.rotations}×{self.translations}×{self.translations} grid"
         )
+
+
+def _symmetric(limit: float, count: int) -> list[float]:
+    """``count`` evenly spaced points over ``[-limit, limit]``; one point is 0 (no change)."""
+    if count == 1:
+        return [0.0]
+    return [v + 0.0 for v in torch.linspace(-limit, limit, count).tolist()]  # + 0.0 turns -0.0 into 0.0
 
 
 def warp(images: Tensor, degrees: float, shift_x: float, shift_y: float) -> Tensor:
