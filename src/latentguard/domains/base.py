@@ -28,7 +28,11 @@ class TrojanInfo:
 
 @dataclass(frozen=True)
 class HeldoutAttack:
-    """A held-out attack as the report shows it. ``site``/``norm`` tell which training threats it matches."""
+    """A held-out attack as the report shows it. ``site``/``norm`` tell which training threats it matches.
+
+    ``norm`` is the threat's class: ``"l2"``/``"linf"``, a class no training threat has (``"spatial"``:
+    held out for every defense), or ``None`` (latent attacks: any norm at that site matches).
+    """
 
     name: str
     description: str
