@@ -161,7 +161,7 @@ def fsdp_on_cpu() -> None:
 if __name__ == "__main__":
     from latentguard.cli import main
 
-    TASKS["blobs"] = f"{__name__}:BlobTask"
+    TASKS.register("blobs", f"{__name__}:BlobTask")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         fsdp_on_cpu()
     sys.exit(main())

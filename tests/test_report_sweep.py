@@ -11,14 +11,10 @@ from latentguard.report import (
     PARETO_ROBUST_FILE,
     PARETO_TROJAN_FILE,
     PER_ATTACK_PREFIX,
-    _curves,
-    _is_curve,
-    _layer_series,
-    _pareto_points,
-    _reference_levels,
     render_markdown,
     write_report,
 )
+from latentguard.report.plots import _curves, _is_curve, _layer_series, _pareto_points, _reference_levels
 from latentguard.sweep import point_name
 
 SEEDS = (0, 1, 2)

@@ -58,7 +58,7 @@ def test_set_overrides_reach_the_sweep_section_and_the_run_config() -> None:
         ({"lat": {"epsilon": [0.1]}}, r"sweep\.lat\.epsilon: unknown key"),
         ({"at": {"epsilons": [0.0]}}, r"sweep\.at\.epsilons\.0: .*greater than 0"),
         ({"lat": {"layers": []}}, r"sweep\.lat\.layers"),
-        ({"tlat": {"epsilons": [1]}}, r"sweep\.tlat: unknown key"),
+        ({"bogus": {"epsilons": [1]}}, r"sweep: unknown defense .bogus."),
     ],
 )
 def test_bad_sweep_sections_name_the_field(tmp_path: Path, section: object, message: str) -> None:

@@ -4,11 +4,12 @@ The Python API in one place: threats, the PGD attack, the trainer and the evalua
 (``latentguard run``) builds the same objects from a YAML config.
 """
 
+from latentguard.defenses.base import Defense, DefenseConfig
 from latentguard.engine.attack import AttackResult, LatentAttack, PGDConfig, Targeted, TowardAway, untargeted
 from latentguard.engine.io import ClassifierIO, ModelIO
 from latentguard.engine.site import Intervention, frozen
 from latentguard.engine.threat import Threat
-from latentguard.engine.trainer import DefenseConfig, TrainConfig, Trainer, TrainResult
+from latentguard.engine.trainer import TrainConfig, Trainer, TrainResult
 from latentguard.errors import UserError
 from latentguard.evaluate import accuracy, latent_robustness
 
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttackResult",
     "ClassifierIO",
+    "Defense",
     "DefenseConfig",
     "Intervention",
     "LatentAttack",

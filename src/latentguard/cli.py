@@ -34,6 +34,18 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, help="run folder to create (default: OUTPUT_DIR/NAME-TIMESTAMP)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _plugin_arg(parser)
+
+
+def _plugin_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first: it registers your own tasks, models, triggers, attacks or defenses",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,11 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--epsilons", help="comma-separated epsilons of --kind (default: the config's)")
     sweep.add_argument("--seeds", help="comma-separated seeds (default: the config's)")
     sweep.add_argument(
-        "--kind", choices=("at", "lat", "rlat"), default="lat", help="the defense --layers/--epsilons set"
+        "--kind",
+        default="lat",
+        help="the defense kind --layers/--epsilons set (at, lat, rlat, a plugin's...)",
     )
 
     layers = add("layers", help="list the layer names a config's model offers")
     layers.add_argument("config", nargs="?", type=Path)
+    _plugin_arg(layers)
     layers.add_argument("--all", action="store_true", help="every submodule, not only the named stages")
     return parser
 
@@ -110,7 +125,8 @@ def _command(args: argparse.Namespace) -> int:
                 config = config.model_copy(update={"progress": False})
             run_dir = pipeline.run(config, args.resume, resume=True, train_only=args.command == "train")
         else:
-            config = load_config(args.config, [*args.overrides, *_progress(args)], quick=args.quick)
+            overrides = [*args.overrides, *_progress(args)]
+            config = load_config(args.config, overrides, quick=args.quick, plugins=args.plugins)
             run_dir = pipeline.run(config, args.out, train_only=args.command == "train")
         print(f"run folder: {run_dir}")
         if args.command == "run":
@@ -129,7 +145,9 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "sweep":
         from latentguard.sweep import expand, load_sweep, with_flags
 
-        base, spec = load_sweep(args.config, [*args.overrides, *_progress(args)], quick=args.quick)
+        base, spec = load_sweep(
+            args.config, [*args.overrides, *_progress(args)], quick=args.quick, plugins=args.plugins
+        )
         layers, epsilons = _csv(args.layers, str, "--layers"), _csv(args.epsilons, float, "--epsilons")
         config = expand(base, with_flags(spec, args.kind, layers, epsilons), _csv(args.seeds, int, "--seeds"))
         run_dir = pipeline.run(config, args.out)
@@ -139,7 +157,7 @@ def _command(args: argparse.Namespace) -> int:
         from latentguard.domains import build_task
         from latentguard.engine.site import module_names
 
-        config = load_config(args.config)
+        config = load_config(args.config, plugins=args.plugins)
         task = build_task(config.task, config.evaluation.attacks, config.seeds[0], "cpu")
         names = module_names(task.build_model()) if args.all else list(task.layers)
         print("\n".join(names))

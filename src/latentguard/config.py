@@ -15,10 +15,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
 
+from latentguard.defenses.base import DefenseConfig
 from latentguard.engine.attack import PGDConfig
 from latentguard.engine.threat import Threat
-from latentguard.engine.trainer import DefenseConfig, TrainConfig
+from latentguard.engine.trainer import TrainConfig
 from latentguard.errors import ConfigError
+from latentguard.registry import load_plugins
 
 EMBEDDED = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = EMBEDDED / "fmnist.yaml"
@@ -50,6 +52,9 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    plugins: list[str] = Field(
+        default_factory=list, description="modules imported first: they register tasks, triggers, attacks..."
+    )
     task: dict[str, Any]
     defenses: list[DefenseSpec] = Field(..., min_length=1)
     training: TrainConfig = TrainConfig()
@@ -96,22 +101,27 @@ class RunConfig(BaseModel):
         return seeds
 
 
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """The first problem as ``field.path: what was expected`` (plus a count of the others)."""
-    errors = exc.errors()
-    first = errors[0]
-    parts = (*([prefix] if prefix else []), *first["loc"])
+def _problem(error: Any, prefix: str) -> str:
+    parts = (*([prefix] if prefix else []), *error["loc"])
     where = ".".join(str(part) if str(part).isprintable() else repr(part) for part in parts) or "config"
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
         message = "unknown key"
-    elif first["type"] == "missing":
+    elif error["type"] == "missing":
         message = "required key is missing"
-    if "input" in first and first["type"] not in ("missing", "extra_forbidden"):
-        shown = repr(first["input"])
+    if "input" in error and error["type"] not in ("missing", "extra_forbidden", "value_error"):
+        shown = repr(error["input"])
         message += f" (got {shown[:60]})"
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return f"{where}: {message}{more}"
+    return f"{where}: {message}"
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """Every problem as ``field.path: what was expected``, unknown keys first; one per line."""
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # stable
+    problems = list(dict.fromkeys(_problem(error, prefix) for error in errors))
+    if len(problems) == 1:
+        return problems[0]
+    return f"{problems[0]}\n" + "\n".join(f"  also {p}" for p in problems[1:])
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -183,8 +193,10 @@ def load_config(
     *,
     quick: bool = False,
     data: Mapping[str, Any] | None = None,
+    plugins: Iterable[str] = (),
 ) -> RunConfig:
-    """Read, override and validate a run config (the embedded default when no path is given)."""
+    """Read, override and validate a run config (the embedded default when no path is given). ``plugins``
+    (``--plugin``) join the config's own, and all are imported before anything is validated."""
     raw = copy.deepcopy(dict(data)) if data is not None else read_yaml(path or DEFAULT_CONFIG)
     if quick:
         quick_overrides = raw.get("quick") or {}
@@ -194,6 +206,11 @@ def load_config(
             apply_override(raw, str(key).split("."), value)
     for text in overrides:
         apply_override(raw, *parse_override(text))
+    modules = raw.get("plugins") or []
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError("plugins: expected a list of module names, e.g. [my_package.plugins]")
+    raw["plugins"] = list(dict.fromkeys([*modules, *plugins]))
+    load_plugins(raw["plugins"])
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

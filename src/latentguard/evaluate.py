@@ -22,13 +22,14 @@ from latentguard.engine.attack import LatentAttack, PGDConfig
 from latentguard.engine.io import ClassifierIO, ModelIO
 from latentguard.engine.site import Intervention, frozen
 from latentguard.engine.threat import Threat
+from latentguard.results import GROUPS, Metrics
 
 BLACK_BOX_TOLERANCE = 0.02  # a black-box attack may beat white-box PGD by this much before we flag it
 
 
 @dataclass
 class Evaluation:
-    metrics: dict[str, float | None] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=lambda: {group: {} for group in GROUPS})
     sanity: dict[str, bool | None] = field(default_factory=dict)
     calibration: dict[str, dict[str, float]] = field(default_factory=dict)
     details: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -76,7 +77,7 @@ def latent_robustness(
 
 
 def sanity_checks(
-    model: nn.Module, task: Task, attack: LatentAttack, batch: Any, metrics: dict[str, float | None]
+    model: nn.Module, task: Task, attack: LatentAttack, batch: Any, metrics: Metrics
 ) -> dict[str, bool | None]:
     """Checks that make a robustness number trustworthy (see module docstring)."""
     result = attack(model, task.io, batch)
@@ -91,7 +92,7 @@ def sanity_checks(
     }
 
 
-def _black_box_not_better(task: Task, metrics: dict[str, float | None]) -> bool | None:
+def _black_box_not_better(task: Task, metrics: Metrics) -> bool | None:
     """False when a black-box attack found more errors than a white-box one with the same budget."""
     verdict: bool | None = None
     attacks = task.heldout_attacks()
@@ -99,7 +100,8 @@ def _black_box_not_better(task: Task, metrics: dict[str, float | None]) -> bool 
         for white in (a for a in attacks if not a.black_box):
             if (white.site, white.norm, white.epsilon) != (black.site, black.norm, black.epsilon):
                 continue
-            b, w = metrics.get(f"robust/{black.name}"), metrics.get(f"robust/{white.name}")
+            heldout = metrics.get("heldout", {})
+            b, w = heldout.get(black.name), heldout.get(white.name)
             if b is None or w is None:
                 continue
             ok = b >= w - BLACK_BOX_TOLERANCE
@@ -109,7 +111,7 @@ def _black_box_not_better(task: Task, metrics: dict[str, float | None]) -> bool 
 
 def sanity_attack(defense: DefenseSpec, task: Task, config: EvaluationConfig) -> LatentAttack:
     """The attack the sanity checks probe: the defense's own threat, else latent PGD at an eval layer."""
-    if defense.threat is not None and defense.kind in ("at", "lat", "rlat", "tlat"):
+    if defense.threat is not None and defense.defense.perturbs:
         return LatentAttack(defense.sites or [task.input_site], defense.threat, config.latent_pgd)
     layer = (config.latent_layers or list(task.layers))[0]
     return LatentAttack([layer], config.latent_threat, config.latent_pgd)
@@ -122,8 +124,8 @@ def evaluate(
     start = time.perf_counter()
     model.eval()
     result = Evaluation()
-    result.metrics.update(task.clean_metrics(model))
-    result.metrics.update({f"asr/{name}": value for name, value in task.trojan_metrics(model).items()})
+    result.metrics["clean"].update(task.clean_metrics(model))
+    result.metrics["trojan"].update(task.trojan_metrics(model))
     result.details = _run_heldout(model, task, [a.name for a in task.heldout_attacks()], seed, result.metrics)
     batches = task.eval_batches(config.latent_examples, config.batch_size)
     for layer in config.latent_layers:
@@ -131,7 +133,7 @@ def evaluate(
         score, calibration = latent_robustness(
             model, batches, layer, config.latent_threat, config.latent_pgd, io=task.io, score=task.score
         )
-        result.metrics[f"latent/{layer}"] = score
+        result.metrics["latent"][layer] = score
         result.calibration[f"eval:{layer}"] = calibration
     torch.manual_seed(seed)
     probe = task.eval_batches(config.sanity_examples, config.sanity_examples)[0]
@@ -141,19 +143,20 @@ def evaluate(
 
 
 def _run_heldout(
-    model: nn.Module, task: Task, names: list[str], seed: int, metrics: dict[str, float | None]
+    model: nn.Module, task: Task, names: list[str], seed: int, metrics: Metrics
 ) -> dict[str, dict[str, Any]]:
     """Runs the named held-out attacks into ``metrics``; returns their per-attack statistics."""
     for name in names:
         torch.manual_seed(seed)
-        metrics[f"robust/{name}"] = task.run_heldout(model, name, seed)
+        metrics.setdefault("heldout", {})[name] = task.run_heldout(model, name, seed)
     details = task.heldout_details()
     return {name: details[name] for name in names if name in details}
 
 
 def missing_heldout(task: Task, evaluation: dict[str, Any]) -> list[str]:
     """The task's held-out attacks that a saved evaluation has no result for (added to the config later)."""
-    return [a.name for a in task.heldout_attacks() if f"robust/{a.name}" not in evaluation["metrics"]]
+    done = evaluation["metrics"].get("heldout", {})
+    return [a.name for a in task.heldout_attacks() if a.name not in done]
 
 
 def complete_evaluation(
@@ -163,7 +166,7 @@ def complete_evaluation(
     redone over the full set, so adding an attack to a finished run costs only that attack."""
     start = time.perf_counter()
     model.eval()
-    metrics = dict(evaluation["metrics"])
+    metrics = {group: dict(values) for group, values in evaluation["metrics"].items()}
     details = _run_heldout(model, task, missing_heldout(task, evaluation), seed, metrics)
     return {
         **evaluation,

@@ -15,7 +15,6 @@ import zlib
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +34,7 @@ from latentguard.engine.trainer import DefenseConfig, Trainer
 from latentguard.errors import ConfigError
 from latentguard.evaluate import complete_evaluation, evaluate, missing_heldout
 from latentguard.report import write_report
+from latentguard.results import Metrics, MetricSpec, Record, Results, Threat, TrainingThreat, Trojan
 from latentguard.runs import (
     MetricLog,
     atomic_write_json,
@@ -80,9 +80,10 @@ def defense_seed(seed: int, name: str) -> int:
 
 
 def fill_sites(defense: DefenseSpec, task: Task) -> DefenseConfig:
-    """Input-space AT perturbs the task's input site (pixels, or token embeddings for text)."""
+    """A perturbing defense given no sites (input-space AT) perturbs the task's input site (pixels, or token
+    embeddings for text)."""
     fields = defense.model_dump(exclude={"name"})
-    if defense.kind == "at" and not defense.sites:
+    if defense.defense.perturbs and not defense.sites:
         fields["sites"] = [task.input_site]
     threat = fields.get("threat")
     if threat and threat["bounds"] is None and fields["sites"] == ["input"] and task.input_bounds:
@@ -101,14 +102,18 @@ class Pipeline:
         self.device = process_device(resolve_device(config.device))
         tb = run_dir / "tensorboard" if config.tensorboard else None
         self.log = MetricLog(run_dir / "metrics.jsonl", tb)
+        self._tasks: dict[int, Task] = {}
         self.input_site = self.task(config.seeds[0]).input_site
 
     def seed_dir(self, seed: int) -> Path:
         return self.run_dir / f"seed-{seed}"
 
     def task(self, seed: int) -> Task:
-        cfg = self.config
-        return build_task(cfg.task, cfg.evaluation.attacks, seed, self.device)
+        """The task of ``seed``, built once per run (building one poisons its training data)."""
+        if seed not in self._tasks:
+            cfg = self.config
+            self._tasks[seed] = build_task(cfg.task, cfg.evaluation.attacks, seed, self.device)
+        return self._tasks[seed]
 
     # -- training ------------------------------------------------------------------------------------------
     def base_model(self, task: Task, seed: int) -> nn.Module:
@@ -217,7 +222,7 @@ class Pipeline:
         self.log.write({"phase": f"seed-{seed}/{defense.name}/eval", **_numbers(completed["metrics"])})
 
     # -- results -------------------------------------------------------------------------------------------
-    def results(self) -> dict[str, Any]:
+    def results(self) -> Results:
         cfg = self.config
         task = self.task(cfg.seeds[0])
         records, phase = [], {"base": 0.0, "defenses": 0.0, "eval": 0.0}
@@ -232,98 +237,114 @@ class Pipeline:
                 phase["eval"] += evaluation["seconds"]
                 radii.setdefault(defense.name, train["calibration"])
                 records.append(
-                    {
-                        "seed": seed,
-                        "defense": defense.name,
-                        "kind": defense.kind,
-                        "sites": defense.sites or ([task.input_site] if defense.kind == "at" else []),
-                        "epsilon": defense.threat.epsilon if defense.threat else None,
-                        "metrics": evaluation["metrics"],
-                        "calibration": {**train["calibration"], **evaluation["calibration"]},
-                        "sanity": evaluation["sanity"],
-                        "heldout_details": evaluation.get("details", {}),
-                        "seconds": {"train": train["seconds"], "eval": evaluation["seconds"]},
-                    }
+                    Record(
+                        seed=seed,
+                        defense=defense.name,
+                        kind=defense.kind,
+                        sites=fill_sites(defense, task).sites,
+                        epsilon=defense.threat.epsilon if defense.threat else None,
+                        by_layer=defense.defense.by_layer,
+                        metrics=evaluation["metrics"],
+                        calibration={**train["calibration"], **evaluation["calibration"]},
+                        sanity=evaluation["sanity"],
+                        heldout_details=evaluation.get("details", {}),
+                        seconds={"train": train["seconds"], "eval": evaluation["seconds"]},
+                    )
                 )
         phase["total"] = sum(phase.values())
-        return {
-            "name": cfg.name,
-            "task": cfg.task["kind"],
-            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "seeds": cfg.seeds,
-            "provenance": read_json(self.run_dir / "provenance.json"),
-            "trojans": [{"name": t.name, "description": t.description} for t in task.trojans()],
-            "training_threats": self._training_threats(task, radii),
-            "heldout_threats": self._heldout_threats(task),
-            "metrics": self._metric_table(task),
-            "defense_order": [d.name for d in cfg.defenses],
-            "layer_order": list(task.layers),
-            "records": records,
-            "phase_seconds": phase,
-        }
+        return Results(
+            name=cfg.name,
+            task=cfg.task["kind"],
+            created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            seeds=cfg.seeds,
+            provenance=read_json(self.run_dir / "provenance.json"),
+            trojans=[Trojan(name=t.name, description=t.description) for t in task.trojans()],
+            training_threats=self._training_threats(task, radii),
+            heldout_threats=self._heldout_threats(task),
+            metrics=self._metric_table(task),
+            defense_order=[d.name for d in cfg.defenses],
+            layer_order=list(task.layers),
+            records=records,
+            phase_seconds=phase,
+        )
 
-    def _training_threats(self, task: Task, radii: dict[str, dict[str, float]]) -> list[dict[str, str]]:
+    def _training_threats(self, task: Task, radii: dict[str, dict[str, float]]) -> list[TrainingThreat]:
         threats = []
         for defense in self.config.defenses:
             spec = fill_sites(defense, task)
             resolved = {site: v["epsilon_abs"] for site, v in radii.get(defense.name, {}).items()}
-            threats.append({"defense": defense.name, "description": spec.describe(resolved)})
+            threats.append(TrainingThreat(defense=defense.name, description=spec.describe(resolved)))
         return threats
 
     def _seen_by(self, site: str, norm: str | None) -> list[str]:
         """Defenses whose training threat had this site (and norm, when the attack has one)."""
         seen = []
         for defense in self.config.defenses:
-            if defense.kind not in ("at", "lat", "tlat") or defense.threat is None:
+            if not defense.defense.learns_threat or defense.threat is None:
                 continue
             sites = defense.sites or [self.input_site]
             if site in sites and (norm is None or norm == defense.threat.norm):
                 seen.append(defense.name)
         return seen
 
-    def _heldout_threats(self, task: Task) -> list[dict[str, Any]]:
+    def _heldout(self, task: Task) -> list[tuple[str, str, Threat]]:
+        """(group, name, threat) of every held-out evaluation: the task's attacks, then latent PGD."""
         threats = [
-            {"name": a.name, "description": a.description, "seen_by": self._seen_by(a.site, a.norm)}
+            (
+                "heldout",
+                a.name,
+                Threat(name=a.name, description=a.description, seen_by=self._seen_by(a.site, a.norm)),
+            )
             for a in task.heldout_attacks()
         ]
         evaluation = self.config.evaluation
         for layer in evaluation.latent_layers:
+            description = (
+                f"latentguard latent PGD at {layer}: {evaluation.latent_threat.describe()}, "
+                f"{evaluation.latent_pgd.steps} steps, {evaluation.latent_examples} test examples"
+            )
+            name = f"latent/{layer}"
             threats.append(
-                {
-                    "name": f"latent/{layer}",
-                    "description": f"latentguard latent PGD at {layer}: "
-                    f"{evaluation.latent_threat.describe()}, {evaluation.latent_pgd.steps} steps, "
-                    f"{evaluation.latent_examples} test examples",
-                    "seen_by": self._seen_by(layer, None),
-                }
+                (
+                    "latent",
+                    layer,
+                    Threat(name=name, description=description, seen_by=self._seen_by(layer, None)),
+                )
             )
         return threats
 
-    def _metric_table(self, task: Task) -> list[dict[str, Any]]:
-        metrics: list[dict[str, Any]] = [
-            {"key": key, "label": key.replace("_", " "), "group": "clean", "higher_is_better": True}
+    def _heldout_threats(self, task: Task) -> list[Threat]:
+        return [threat for _, _, threat in self._heldout(task)]
+
+    def _metric_table(self, task: Task) -> list[MetricSpec]:
+        metrics = [
+            MetricSpec(group="clean", name=key, label=key.replace("_", " "))
             for key in task.clean_metric_keys()
         ]
         metrics += [
-            {"key": f"asr/{t.name}", "label": f"ASR {t.name}", "group": "trojan", "higher_is_better": False}
+            MetricSpec(group="trojan", name=t.name, label=f"ASR {t.name}", higher_is_better=False)
             for t in task.trojans()
         ]
-        for threat in self._heldout_threats(task):
-            key = threat["name"] if threat["name"].startswith("latent/") else f"robust/{threat['name']}"
-            seen = threat["seen_by"]
-            label = threat["name"] + (f" (seen by {', '.join(seen)})" if seen else "")
-            group = "seen" if seen else "latent" if key.startswith("latent/") else "heldout"
-            metrics.append({"key": key, "label": label, "group": group, "higher_is_better": True})
+        for group, name, threat in self._heldout(task):
+            seen = threat.seen_by
+            label = threat.name + (f" (seen by {', '.join(seen)})" if seen else "")
+            metrics.append(MetricSpec(group=group, name=name, label=label, seen_by=seen))
         return metrics
 
     def report(self) -> list[Path]:
         results = self.results()
-        atomic_write_json(self.run_dir / "results.json", results)
+        atomic_write_json(self.run_dir / "results.json", results.model_dump(mode="json"))
         return [self.run_dir / "results.json", *write_report(results, self.run_dir)]
 
 
-def _numbers(metrics: dict[str, float | None]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+def _numbers(metrics: Metrics) -> dict[str, float]:
+    """The measured values of a metrics record as flat ``group/name`` numbers, for the metrics log."""
+    return {
+        f"{group}/{name}": v
+        for group, values in metrics.items()
+        for name, v in values.items()
+        if isinstance(v, (int, float))
+    }
 
 
 def preflight(config: RunConfig) -> None:

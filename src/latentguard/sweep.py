@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, RootModel, ValidationError, field_validator
 
 from latentguard.config import (
     DEFAULT_CONFIG,
@@ -29,8 +29,10 @@ from latentguard.config import (
     read_yaml,
     validate_section,
 )
+from latentguard.defenses import defense_for
 from latentguard.domains import task_class
 from latentguard.errors import ConfigError
+from latentguard.registry import DEFENSES
 
 SECTION = "sweep"
 
@@ -46,17 +48,23 @@ class SweepGrid(BaseModel):
     epsilons: list[PositiveFloat] | None = Field(None, min_length=1, description="default: the template's")
 
 
-class SweepSpec(BaseModel):
-    """The ``sweep:`` section: a grid for each defense kind to sweep."""
+class SweepSpec(RootModel[dict[str, SweepGrid]]):
+    """The ``sweep:`` section: a grid for each defense kind to sweep (any registered kind that perturbs)."""
 
-    model_config = ConfigDict(extra="forbid")
+    root: dict[str, SweepGrid] = Field(default_factory=dict)
 
-    at: SweepGrid | None = None
-    lat: SweepGrid | None = None
-    rlat: SweepGrid | None = None
+    @field_validator("root")
+    @classmethod
+    def _perturbing_kinds(cls, grids: dict[str, SweepGrid]) -> dict[str, SweepGrid]:
+        for kind in grids:
+            if kind not in DEFENSES:
+                raise ValueError(f"unknown defense {kind!r}; registered: {', '.join(DEFENSES.names())}")
+            if not defense_for(kind).perturbs:
+                raise ValueError(f"defense {kind!r} has no threat to sweep")
+        return grids
 
     def grids(self) -> dict[str, SweepGrid]:
-        return {kind: grid for kind, grid in self if grid is not None}
+        return dict(self.root)
 
 
 def point_name(kind: str, layer: str | None, epsilon: float) -> str:
@@ -86,8 +94,8 @@ def _points(base: RunConfig, kind: str, grid: SweepGrid) -> list[DefenseSpec]:
         raise ConfigError(f"defenses: sweeping {kind!r} needs one {kind} defense in the config as a template")
     if grid.layers:
         layers: list[str | None] = list(grid.layers)
-    elif kind == "at":
-        layers = [None]  # input space: the pipeline fills in the task's input site
+    elif not defense_for(kind).needs_sites:
+        layers = [None]  # e.g. input-space AT: the pipeline fills in the task's input site
     else:
         layers = list(task_class(base.task["kind"]).default_layers)
     points = []
@@ -110,7 +118,11 @@ def sweep_config(
 
 
 def load_sweep(
-    path: Path | None = None, overrides: Iterable[str] = (), *, quick: bool = False
+    path: Path | None = None,
+    overrides: Iterable[str] = (),
+    *,
+    quick: bool = False,
+    plugins: Iterable[str] = (),
 ) -> tuple[RunConfig, SweepSpec]:
     """Read a sweep config: the run config (validated as usual) and its ``sweep:`` section.
 
@@ -125,7 +137,7 @@ def load_sweep(
             apply_override(section, keys, value)
         else:
             rest.append(text)
-    base = load_config(overrides=rest, quick=quick, data=raw)
+    base = load_config(overrides=rest, quick=quick, data=raw, plugins=plugins)
     return base, validate_section(SweepSpec, section[SECTION], SECTION)
 
 
@@ -133,6 +145,6 @@ def with_flags(spec: SweepSpec, kind: str, layers: list[str], epsilons: list[flo
     """``spec`` with ``kind``'s grid changed by command-line flags; LAT over the named stages if all empty."""
     if not (layers or epsilons) and spec.grids():
         return spec
-    grid = getattr(spec, kind) or SweepGrid()
+    grid = spec.grids().get(kind) or SweepGrid()
     update = {"layers": layers or grid.layers, "epsilons": epsilons or grid.epsilons}
-    return spec.model_copy(update={kind: SweepGrid.model_validate(update)})
+    return SweepSpec.model_validate({**spec.grids(), kind: SweepGrid.model_validate(update)})

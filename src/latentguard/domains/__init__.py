@@ -1,25 +1,25 @@
-"""Task adapters, one folder per domain, looked up by the config's ``task.kind``."""
+"""Task adapters, one folder per domain, looked up by the config's ``task.kind`` in ``registry.TASKS``.
+
+A user's task registers the same way: ``TASKS.register("my_task", MyTask)`` in a plugin module, or
+``kind: "my_pkg.tasks:MyTask"`` in the config with no registration at all.
+"""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from latentguard.domains.base import Task
 from latentguard.errors import ConfigError
-
-TASKS: dict[str, str] = {
-    "image_cls": "latentguard.domains.image.task:ImageTask",
-    "text_cls": "latentguard.domains.text_cls.task:TextClassificationTask",
-    "text_gen": "latentguard.domains.text_gen.task:TextGenerationTask",
-}
+from latentguard.registry import TASKS, load_object
 
 
 def task_class(kind: str) -> type[Task]:
-    if kind not in TASKS:
-        raise ConfigError(f"task.kind: unknown task {kind!r}; expected one of {', '.join(sorted(TASKS))}")
-    module, _, name = TASKS[kind].partition(":")
-    return getattr(importlib.import_module(module), name)
+    entry = TASKS.get(kind, "task.kind")
+    if isinstance(entry, str):  # a built-in registered by import path: its libraries load only now
+        entry = load_object(entry, "task.kind")
+    if not hasattr(entry, "from_config"):
+        raise ConfigError(f"task.kind: {kind!r} is not a task (it has no from_config)")
+    return entry
 
 
 def build_task(section: dict[str, Any], attacks: list[dict[str, Any]], seed: int, device: Any) -> Task:

@@ -1,10 +1,8 @@
 """One training loop for every defense, so baselines are compared like for like.
 
-``none`` skips training, ``clean`` fine-tunes on clean batches, ``at`` trains on input/embedding-space PGD,
-``lat`` on latent PGD at one or more layers, ``rlat`` on random latent noise of the same radius and ``tlat``
-(targeted LAT, Sheshadri et al. 2024) on a latent adversary that pulls toward an undesired output and away
-from the desired one, while the model learns the desired output and unlearns the undesired one under it.
-The loss is taken on the perturbed forward plus optional weighted clean (SFT) and KL-to-reference terms.
+A defense is a registered object (``latentguard.defenses``): the loop asks it whether to train at all,
+what the adversary maximises, how the batch is perturbed and which extra terms join the loss. The loss is
+taken on the perturbed forward plus optional weighted clean (SFT) and KL-to-reference terms.
 
 The loop runs on Hugging Face Accelerate: alone it behaves as a plain PyTorch loop; under
 ``accelerate launch`` each process trains on its share of every batch (DDP averages the gradients), attacks
@@ -26,19 +24,12 @@ from typing import Any, Literal
 
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from latentguard.engine.attack import (
-    AttackResult,
-    LatentAttack,
-    Objective,
-    PGDConfig,
-    TowardAway,
-    unlikelihood,
-    untargeted,
-)
+from latentguard.defenses.base import DefenseConfig
+from latentguard.engine.attack import AttackResult, LatentAttack
 from latentguard.engine.distributed import (
     MixedPrecision,
     build_accelerator,
@@ -53,71 +44,10 @@ from latentguard.engine.distributed import (
     reshard,
     shard_like,
 )
-from latentguard.engine.io import DivergenceIO, ModelIO, PairedIO
+from latentguard.engine.io import DivergenceIO, ModelIO
 from latentguard.engine.site import Intervention
-from latentguard.engine.threat import Threat
 from latentguard.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from latentguard.runs import load_tensors, save_tensors
-
-DefenseKind = Literal["none", "clean", "at", "lat", "rlat", "tlat"]
-PERTURBING: tuple[str, ...] = ("at", "lat", "rlat", "tlat")
-TLAT_WEIGHTS = ("toward_weight", "away_weight", "undesired_weight")
-
-
-class DefenseConfig(BaseModel):
-    """Which defense to train and against what threat."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: DefenseKind
-    sites: list[str] = Field(default_factory=list, description="layers to perturb; 'input' for AT")
-    threat: Threat | None = None
-    pgd: PGDConfig = PGDConfig()
-    clean_weight: float = Field(0.0, ge=0, description="weight of the extra loss on the clean forward")
-    kl_weight: float = Field(
-        0.0, ge=0, description="KL to the model as training started (LoRA: the adapter-disabled model)"
-    )
-    toward_weight: float = Field(1.0, ge=0, description="tlat adversary: pull toward the undesired output")
-    away_weight: float = Field(1.0, ge=0, description="tlat adversary: push away from the desired output")
-    undesired_weight: float = Field(
-        1.0, ge=0, description="tlat defense: push away from the undesired output under the attack"
-    )
-
-    @model_validator(mode="after")
-    def _needs_threat(self) -> DefenseConfig:
-        if self.kind in PERTURBING and self.threat is None:
-            raise ValueError(f"defense kind {self.kind!r} needs a threat")
-        if self.kind in ("lat", "rlat", "tlat") and not self.sites:
-            raise ValueError(f"defense kind {self.kind!r} needs at least one site (a layer name)")
-        fields = type(self).model_fields
-        stray = [name for name in TLAT_WEIGHTS if getattr(self, name) != fields[name].default]
-        if self.kind != "tlat" and stray:
-            raise ValueError(f"{', '.join(stray)} only apply to defense kind 'tlat'")
-        if self.kind == "tlat" and not (self.toward_weight or self.away_weight):
-            raise ValueError("tlat needs a positive toward_weight or away_weight")
-        return self
-
-    def describe(self, radii: dict[str, float] | None = None) -> str:
-        if self.kind == "none":
-            return "no defense phase"
-        if self.kind == "clean":
-            return "clean fine-tuning"
-        assert self.threat is not None
-        where = ", ".join(self.sites)
-        radius = next(iter(radii.values())) if radii else None
-        what = {
-            "at": "PGD",
-            "lat": "latent PGD",
-            "rlat": "random latent noise",
-            "tlat": f"targeted latent PGD (toward {self.toward_weight:g}, away {self.away_weight:g})",
-        }[self.kind]
-        steps = "" if self.kind == "rlat" else f", {self.pgd.steps} steps"
-        extra = f", clean weight {self.clean_weight:g}" if self.clean_weight else ""
-        if self.kind == "tlat":
-            extra += f", unlearn-undesired weight {self.undesired_weight:g}"
-        if self.kl_weight:
-            extra += f", KL weight {self.kl_weight:g}"
-        return f"{what} at {where}: {self.threat.describe(radius)}{steps}{extra}"
 
 
 class TrainConfig(BaseModel):
@@ -218,12 +148,11 @@ class Trainer:
         self.evaluate = evaluate
         self.progress = progress
         self.description = description
+        self.kind = defense.defense  # the registered object: what it perturbs and trains on
         self.attack: LatentAttack | None = None
-        if defense.kind in PERTURBING:
+        if self.kind.perturbs:
             assert defense.threat is not None
-            objective: Objective = untargeted
-            if defense.kind == "tlat":
-                objective = TowardAway(self._paired().undesired, defense.toward_weight, defense.away_weight)
+            objective = self.kind.objective(defense, io)
             self.attack = LatentAttack(defense.sites or ["input"], defense.threat, defense.pgd, objective)
         if defense.kl_weight and not isinstance(io, DivergenceIO):
             raise ConfigError(f"kl_weight needs a task whose outputs can be compared ({type(io).__name__})")
@@ -337,14 +266,6 @@ class Trainer:
         return True
 
     # -- one step ----------------------------------------------------------------------------------------
-    def _paired(self) -> PairedIO:
-        if not isinstance(self.io, PairedIO):
-            raise ConfigError(
-                f"defense kind 'tlat' needs batches that carry an undesired output ({type(self.io).__name__} "
-                "has no undesired())"
-            )
-        return self.io
-
     @contextmanager
     def _reference_weights(self) -> Iterator[None]:
         """Inside, the trainable weights hold their values from the start of training."""
@@ -388,9 +309,7 @@ class Trainer:
 
     def _perturbation(self, batch: Any) -> AttackResult:
         assert self.attack is not None
-        if self.defense.kind == "rlat":
-            return self.attack.noise(self.model, self.io, batch)
-        return self.attack(self.model, self.io, batch)
+        return self.kind.perturb(self.attack, self.model, self.io, batch)
 
     def _attack_everywhere(self, batch: Any) -> AttackResult | None:
         """This process's perturbation of ``batch``; ``None`` (batch skipped) when the attack was non-finite
@@ -413,6 +332,11 @@ class Trainer:
         ``None`` when a non-finite batch was skipped (in every process: they decide together)."""
         self.model.train()
         terms: dict[str, Tensor] = {}
+        weights = {
+            "clean": 1.0 if self.kind.clean_loss else self.defense.clean_weight,
+            "adversarial": 1.0,
+            "kl": self.defense.kl_weight,
+        }
         stats: dict[str, float] = {}
         # FSDP2 drops the gradient of a forward whose graph is still pending when another backward (the
         # attack's) runs, and gathers weights only for a unit that is not gathered yet, so there the attack
@@ -423,7 +347,7 @@ class Trainer:
             return None
         kl = self.defense.kl_weight > 0
         reference = self._reference_output(batch) if kl and first else None
-        sft = self.defense.kind == "clean" or self.defense.clean_weight > 0
+        sft = self.kind.clean_loss or self.defense.clean_weight > 0
         if sft or kl:
             clean_output = self.io.forward(self.wrapped, batch)
             if sft:
@@ -440,20 +364,12 @@ class Trainer:
             with Intervention(self.model, self.attack.sites) as hooks:
                 hooks.deltas = attack.deltas
                 output = self.io.forward(self.wrapped, batch)
-                if self.defense.kind == "tlat" and self.defense.undesired_weight > 0:
-                    other = self._paired().undesired(batch)
-                    nll = self.io.loss(self.io.forward(self.wrapped, other), other)
-                    terms["undesired"] = unlikelihood(nll).mean()
+                for name, (weight, term) in self.kind.extra_terms(self, batch).items():
+                    weights[name], terms[name] = weight, term
             hooks.check_fired()
             terms["adversarial"] = self.io.loss(output, batch).mean()
             if attack.losses:
                 stats["attack_gain"] = attack.gain
-        weights = {
-            "clean": self.defense.clean_weight if self.attack else 1.0,
-            "adversarial": 1.0,
-            "undesired": self.defense.undesired_weight,
-            "kl": self.defense.kl_weight,
-        }
         loss = sum(weights[name] * value for name, value in terms.items())
         assert isinstance(loss, Tensor)
         if not everywhere(self.accelerator, bool(torch.isfinite(loss))):
@@ -490,7 +406,7 @@ class Trainer:
         start = time.perf_counter()
         result = TrainResult(steps=0, seconds=0.0)
         self.model.to(self.device)
-        if self.defense.kind == "none":
+        if not self.kind.trains:
             return result
         if resume:
             self.load_checkpoint()

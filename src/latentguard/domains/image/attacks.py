@@ -9,17 +9,20 @@ runs, so the rest of the image domain works without it.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from torch import Tensor, nn
 
 from latentguard.domains.image.spatial import SpatialGrid, spatial_attack
 from latentguard.errors import UserError
+from latentguard.registry import IMAGE_ATTACKS, build_kind
 
 _LIBRARY = "torchattacks"
 _INSTALL_HINT = "pip install --no-deps torchattacks==3.5.1"
@@ -28,18 +31,17 @@ AutoAttackPart = Literal["apgd-ce", "apgd-t", "fab-t", "square"]
 AUTOATTACK_STANDARD: tuple[AutoAttackPart, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
-class ImageAttackSpec(BaseModel):
-    """One held-out attack: which attack, its threat (norm and pixel ε, or a spatial grid), its cost."""
+class LpAttack(BaseModel):
+    """An Lp attack from torchattacks: ``pgd``, ``autoattack`` (the standard ensemble or chosen parts of it)
+    or ``square`` (black box, a gradient-masking check)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1)
-    kind: Literal["pgd", "autoattack", "square", "spatial"]
-    norm: Literal["linf", "l2"] | None = Field(None, description="Lp attacks only")
-    epsilon: float | None = Field(None, gt=0.0, description="Lp attacks only")
+    kind: Literal["pgd", "autoattack", "square"]
+    norm: Literal["linf", "l2"]
+    epsilon: float = Field(gt=0.0)
     steps: int = Field(default=20, ge=1, description="PGD iterations (pgd only)")
     queries: int = Field(default=1000, ge=1, description="model queries per example (square only)")
-    examples: int = Field(default=500, gt=0, description="attack the first N test images: a fixed subset")
     step_ratio: float = Field(default=2.5, gt=0.0, description="PGD step size = step_ratio * epsilon / steps")
     components: list[AutoAttackPart] = Field(
         default_factory=lambda: list(AUTOATTACK_STANDARD),
@@ -47,38 +49,26 @@ class ImageAttackSpec(BaseModel):
         description="autoattack only: which parts of the standard ensemble run, in its order "
         "(Square's 5,000 queries cost ~1 s per robust image on a CPU)",
     )
-    # spatial defaults: small enough that Fashion-MNIST models are neither all broken nor all intact (at
-    # ±30° and ±3 px, the budget of Engstrom et al., every defense of the image sweep fell to 0.00-0.06)
-    max_rotation: float = Field(10.0, ge=0.0, le=180.0, description="spatial only: degrees either way")
-    max_translation: float = Field(1.0, ge=0.0, description="spatial only: pixels either way, each axis")
-    rotations: int = Field(5, ge=1, description="spatial only: grid points over the rotation range")
-    translations: int = Field(3, ge=1, description="spatial only: grid points over each shift range")
+    seed: int = Field(0, description="set to the evaluation seed by the evaluator")
+    _built: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
-    def _threat_fits_kind(self) -> ImageAttackSpec:
-        lp = self.kind != "spatial"
-        if lp and (self.norm is None or self.epsilon is None):
-            raise ValueError(f"kind {self.kind!r} needs norm (linf or l2) and epsilon")
-        if not lp and (self.norm is not None or self.epsilon is not None):
-            raise ValueError("kind 'spatial' takes no norm or epsilon: its budget is a rotation and shift")
-        return self
-
-    @property
-    def grid(self) -> SpatialGrid:
-        return SpatialGrid(self.max_rotation, self.max_translation, self.rotations, self.translations)
-
-    @model_validator(mode="after")
-    def _components_in_order(self) -> ImageAttackSpec:
+    def _components_in_order(self) -> LpAttack:
         if len(set(self.components)) != len(self.components):
             raise ValueError(f"components: each part at most once, got {self.components}")
         self.components = [part for part in AUTOATTACK_STANDARD if part in self.components]
         return self
 
+    @property
+    def threat_class(self) -> str:
+        return self.norm
+
+    @property
+    def black_box(self) -> bool:
+        return self.kind == "square"
+
     def describe(self) -> str:
-        """One line naming the library, its version, the attack and its budget."""
-        if self.kind == "spatial":
-            attack = f"worst-of-grid spatial attack ({self.grid.describe()})"
-            return f"latentguard {attack} on {self.examples} test images"
+        """The library, its version, the attack and its budget."""
         try:
             library = f"{_LIBRARY} {metadata.version(_LIBRARY)}"
         except metadata.PackageNotFoundError:
@@ -92,7 +82,106 @@ class ImageAttackSpec(BaseModel):
             attack = f"AutoAttack standard ({budget})"
         else:
             attack = f"AutoAttack standard parts {'+'.join(self.components)} ({budget})"
-        return f"{library} {attack} on {self.examples} test images"
+        return f"{library} {attack}"
+
+    def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        """Built once per evaluation (the first batch tells the class count), as torchattacks expects."""
+        if self._built is None:
+            with torch.no_grad():
+                num_classes = model(images[:1]).shape[-1]
+            self._built = _build_lp(_import_torchattacks(), model, self, num_classes)
+        return self._built(images, labels)
+
+
+class SpatialAttack(BaseModel):
+    """The worst of a grid of rotations and shifts (Engstrom et al. 2019): a class no Lp ball covers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["spatial"] = "spatial"
+    # defaults small enough that Fashion-MNIST models are neither all broken nor all intact (at ±30° and
+    # ±3 px, the budget of Engstrom et al., every defense of the image sweep fell to 0.00-0.06)
+    max_rotation: float = Field(10.0, ge=0.0, le=180.0, description="degrees either way")
+    max_translation: float = Field(1.0, ge=0.0, description="pixels either way, each axis")
+    rotations: int = Field(5, ge=1, description="grid points over the rotation range")
+    translations: int = Field(3, ge=1, description="grid points over each shift range")
+    threat_class: ClassVar[str] = "spatial"  # no training threat is spatial: held out for every defense
+    epsilon: ClassVar[float | None] = None
+    black_box: ClassVar[bool] = False
+
+    @property
+    def grid(self) -> SpatialGrid:
+        return SpatialGrid(self.max_rotation, self.max_translation, self.rotations, self.translations)
+
+    def describe(self) -> str:
+        return f"latentguard worst-of-grid spatial attack ({self.grid.describe()})"
+
+    def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        return spatial_attack(model, images, labels, self.grid)
+
+
+for _kind in ("pgd", "autoattack", "square"):
+    IMAGE_ATTACKS.register(_kind, LpAttack)
+IMAGE_ATTACKS.register("spatial", SpatialAttack)
+
+
+class FunctionAttack:
+    """A plain callable ``(model, images, labels) -> adversarial images`` (by import path or registered as a
+    function), with the spec's remaining keys as keyword arguments. Its threat class is its own kind, so it
+    is held out for every defense."""
+
+    epsilon: float | None = None
+    black_box = False
+
+    def __init__(self, function: Callable[..., Tensor], params: dict[str, Any], kind: str) -> None:
+        self.function, self.params, self.threat_class = function, params, kind
+
+    def describe(self) -> str:
+        settings = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"user attack {self.threat_class}" + (f" ({settings})" if settings else "")
+
+    def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+        return self.function(model, images, labels, **self.params)
+
+
+class ImageAttackSpec(BaseModel):
+    """One held-out attack: a name for tables, which attack (a registered kind or an import path, with its
+    settings alongside) and how many test images it attacks."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    kind: str
+    examples: int = Field(default=500, gt=0, description="attack the first N test images: a fixed subset")
+    _attack: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _build_attack(self) -> ImageAttackSpec:
+        params = dict(self.model_extra or {})
+        wrap = functools.partial(_wrap_function, kind=self.kind)
+        self._attack = build_kind(IMAGE_ATTACKS, self.kind, params, "kind", wrap, positional=3)
+        return self
+
+    @property
+    def attack(self) -> Any:
+        """The attack object: ``perturb(model, images, labels)``, ``describe()``, ``threat_class``,
+        ``epsilon``, ``black_box``."""
+        return self._attack
+
+    def for_seed(self, seed: int) -> Any:
+        """A fresh copy of the attack for one evaluation; an attack with a ``seed`` setting gets ``seed``."""
+        attack = self._attack
+        if isinstance(attack, BaseModel):
+            return attack.model_copy(update={"seed": seed} if "seed" in type(attack).model_fields else {})
+        return attack
+
+    def describe(self) -> str:
+        """One line naming the library or author, the attack, its budget and its subset."""
+        return f"{self._attack.describe()} on {self.examples} test images"
+
+
+def _wrap_function(function: Callable[..., Tensor], params: dict[str, Any], kind: str) -> FunctionAttack:
+    return FunctionAttack(function, params, kind)
 
 
 @dataclass
@@ -113,26 +202,20 @@ def _import_torchattacks() -> Any:
     return torchattacks
 
 
-def _build_attack(
-    torchattacks: Any, model: nn.Module, spec: ImageAttackSpec, num_classes: int, seed: int
-) -> Any:
-    """A callable ``(images, labels) -> adversarial images`` for ``spec`` (a torchattacks object for Lp)."""
-    if spec.kind == "spatial":
-        grid = spec.grid
-        return lambda images, labels: spatial_attack(model, images, labels, grid)
-    assert spec.norm is not None and spec.epsilon is not None  # the spec's validator requires both
+def _build_lp(torchattacks: Any, model: nn.Module, spec: LpAttack, num_classes: int) -> Any:
+    """A torchattacks object ``(images, labels) -> adversarial images`` for ``spec``."""
     norm = _NORM_NAMES[spec.norm]
     if spec.kind == "pgd":
         alpha = spec.step_ratio * spec.epsilon / spec.steps
         cls = torchattacks.PGD if spec.norm == "linf" else torchattacks.PGDL2
         return cls(model, eps=spec.epsilon, alpha=alpha, steps=spec.steps, random_start=True)
     if spec.kind == "square":
-        return torchattacks.Square(model, norm=norm, eps=spec.epsilon, n_queries=spec.queries, seed=seed)
-    return _autoattack(torchattacks, model, spec, norm, num_classes, seed)
+        return torchattacks.Square(model, norm=norm, eps=spec.epsilon, n_queries=spec.queries, seed=spec.seed)
+    return _autoattack(torchattacks, model, spec, norm, num_classes, spec.seed)
 
 
 def _autoattack(
-    torchattacks: Any, model: nn.Module, spec: ImageAttackSpec, norm: str, num_classes: int, seed: int
+    torchattacks: Any, model: nn.Module, spec: LpAttack, norm: str, num_classes: int, seed: int
 ) -> Any:
     """AutoAttack's standard ensemble (Croce & Hein, 2020), or the chosen parts of it with the same settings.
 
@@ -154,15 +237,20 @@ def _autoattack(
 
 
 def _check_budget(adversarial: Tensor, clean: Tensor, spec: ImageAttackSpec) -> None:
-    """Fail loudly if the library returned images outside the threat model: accuracy would mean nothing."""
-    if spec.norm is not None and spec.epsilon is not None:
+    """Fail loudly if an attack returned images outside its threat model: accuracy would mean nothing."""
+    attack = spec.attack
+    if not isinstance(adversarial, Tensor) or adversarial.shape != clean.shape:
+        got = tuple(adversarial.shape) if isinstance(adversarial, Tensor) else type(adversarial).__name__
+        raise RuntimeError(f"attack {spec.name!r} returned {got}, expected images of {tuple(clean.shape)}")
+    norm, epsilon = attack.threat_class, attack.epsilon
+    if norm in _NORM_NAMES and epsilon is not None:
         delta = (adversarial - clean).flatten(1)
-        size = delta.abs().amax(dim=1) if spec.norm == "linf" else delta.norm(dim=1)
-        tolerance = 1e-3 * spec.epsilon + 1e-5
-        if delta.numel() and float(size.max()) > spec.epsilon + tolerance:
+        size = delta.abs().amax(dim=1) if norm == "linf" else delta.norm(dim=1)
+        tolerance = 1e-3 * epsilon + 1e-5
+        if delta.numel() and float(size.max()) > epsilon + tolerance:
             raise RuntimeError(
-                f"attack {spec.name!r} returned a perturbation of {spec.norm} size {float(size.max()):.4g} "
-                f"> epsilon {spec.epsilon:g}"
+                f"attack {spec.name!r} returned a perturbation of {norm} size {float(size.max()):.4g} "
+                f"> epsilon {epsilon:g}"
             )
     if float(adversarial.min()) < -1e-6 or float(adversarial.max()) > 1.0 + 1e-6:
         raise RuntimeError(f"attack {spec.name!r} returned pixels outside [0, 1]")
@@ -184,7 +272,6 @@ def run_attack(
     robust accuracy ≤ clean accuracy whatever the attack returns for already-misclassified images. Runs
     under a forked RNG seeded with ``seed``: reproducible, and the caller's random state is untouched.
     """
-    torchattacks = None if spec.kind == "spatial" else _import_torchattacks()
     device = torch.device(device)
     count = min(spec.examples, labels.shape[0])
     if count == 0:
@@ -200,16 +287,14 @@ def run_attack(
             parameter.requires_grad_(False)  # only input gradients are needed: skip weight gradients
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            attack = None
+            attack = spec.for_seed(seed)
             for first in range(0, count, batch_size):
                 batch = subset_images[first : first + batch_size].to(device)
                 target = subset_labels[first : first + batch_size].to(device)
                 with torch.no_grad():
                     logits = model(batch)
-                if attack is None:
-                    attack = _build_attack(torchattacks, model, spec, logits.shape[-1], seed)
                 right = logits.argmax(dim=-1) == target
-                adversarial = attack(batch, target).detach()
+                adversarial = attack.perturb(model, batch, target).detach()
                 _check_budget(adversarial, batch, spec)
                 with torch.no_grad():
                     still_right = model(adversarial).argmax(dim=-1) == target

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from latentguard.registry import IMAGE_MODELS
+
 STAGES: tuple[str, ...] = ("stem", "block1", "block2", "block3")
 
 FASHION_MNIST_MEAN = 0.2860
@@ -93,3 +95,9 @@ class ResNetCNN(nn.Module):
         x = self.block2(x)
         x = self.block3(x)
         return self.head(x)
+
+
+@IMAGE_MODELS.register("cnn")
+def resnet_cnn(*, num_classes: int, in_channels: int, width: int = 16) -> ResNetCNN:
+    """The project's ResNet-style CNN (stages ``stem``, ``block1``, ``block2``, ``block3``, ``head``)."""
+    return ResNetCNN(in_channels=in_channels, num_classes=num_classes, width=width)

@@ -1,72 +1,35 @@
 """Image trojans: triggers, training-set poisoning and attack success rate (ASR).
 
-Three trigger families of increasing subtlety, so a defense is tested on more than the easy local patch:
-``patch`` (BadNets: a checkerboard stamped in a corner), ``blend`` (a fixed full-image noise pattern mixed in
-at low opacity) and ``sinusoid`` (SIG: a faint global horizontal sinusoid with no local support).
+Three built-in trigger families of increasing subtlety, so a defense is tested on more than the easy local
+patch: ``patch`` (BadNets: a checkerboard stamped in a corner), ``blend`` (a fixed full-image noise pattern
+mixed in at low opacity) and ``sinusoid`` (SIG: a faint global horizontal sinusoid with no local support).
+They are registered kinds of ``IMAGE_TRIGGERS``, as a plugin's trigger would be; any callable
+``images -> triggered images`` also works, named by import path.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from torch import Tensor, nn
 
-# Which kind-specific parameters each trigger reads: any other one set explicitly is a config mistake.
-_KIND_PARAMS: dict[str, frozenset[str]] = {
-    "patch": frozenset({"patch_size"}),
-    "blend": frozenset({"alpha", "pattern_seed"}),
-    "sinusoid": frozenset({"amplitude", "frequency"}),
-}
+from latentguard.registry import IMAGE_TRIGGERS, build_kind
 
 
-class ImageTrojan(BaseModel):
-    """One trojan: a trigger, the label it forces, and the fraction of training examples poisoned with it."""
+class PatchTrigger(BaseModel):
+    """BadNets: a checkerboard of ``patch_size`` pixels stamped in the bottom-right corner."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["patch", "blend", "sinusoid"]
-    target: int = Field(ge=0, le=9)
-    poison_rate: float = Field(gt=0.0, le=0.2)
-    name: str | None = None
+    kind: Literal["patch"] = "patch"
     patch_size: int = Field(default=4, ge=1)
-    alpha: float = Field(default=0.15, gt=0.0, le=1.0)
-    pattern_seed: int = Field(default=0, ge=0)
-    amplitude: float = Field(default=0.12, gt=0.0, le=1.0)
-    frequency: int = Field(default=6, ge=1)
-
-    @model_validator(mode="after")
-    def _params_match_kind(self) -> ImageTrojan:
-        """Reject a parameter of another trigger kind (e.g. ``alpha`` on a patch): it would be ignored."""
-        all_params = frozenset().union(*_KIND_PARAMS.values())
-        stray = sorted((self.model_fields_set & all_params) - _KIND_PARAMS[self.kind])
-        if stray:
-            raise ValueError(
-                f"{', '.join(stray)} do(es) not apply to a {self.kind!r} trojan; "
-                f"it takes {', '.join(sorted(_KIND_PARAMS[self.kind]))}"
-            )
-        return self
-
-    @property
-    def label(self) -> str:
-        """The name reports use for this trojan: ``name`` if given, else the trigger kind."""
-        return self.name or self.kind
 
     def apply(self, images: Tensor) -> Tensor:
-        """Triggered copies of ``(N, C, H, W)`` images in [0, 1]: deterministic, never in place, in [0, 1]."""
-        if images.ndim != 4:
-            raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
-        if self.kind == "patch":
-            return self._apply_patch(images)
-        if self.kind == "blend":
-            return self._apply_blend(images)
-        return self._apply_sinusoid(images)
-
-    def _apply_patch(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
         size = self.patch_size
         if size > min(height, width):
@@ -78,17 +41,92 @@ class ImageTrojan(BaseModel):
         out[..., height - size :, width - size :] = checker
         return out
 
-    def _apply_blend(self, images: Tensor) -> Tensor:
+
+class BlendTrigger(BaseModel):
+    """A fixed full-image noise pattern mixed in at opacity ``alpha``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["blend"] = "blend"
+    alpha: float = Field(default=0.15, gt=0.0, le=1.0)
+    pattern_seed: int = Field(default=0, ge=0)
+
+    def apply(self, images: Tensor) -> Tensor:
         generator = torch.Generator().manual_seed(self.pattern_seed)
         pattern = torch.rand(images.shape[1:], generator=generator)
         pattern = pattern.to(device=images.device, dtype=images.dtype)
         return ((1.0 - self.alpha) * images + self.alpha * pattern).clamp(0.0, 1.0)
 
-    def _apply_sinusoid(self, images: Tensor) -> Tensor:
+
+class SinusoidTrigger(BaseModel):
+    """SIG: a faint horizontal sinusoid over the whole image, with no local support."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["sinusoid"] = "sinusoid"
+    amplitude: float = Field(default=0.12, gt=0.0, le=1.0)
+    frequency: int = Field(default=6, ge=1)
+
+    def apply(self, images: Tensor) -> Tensor:
         width = images.shape[-1]
         cols = torch.arange(width, device=images.device, dtype=images.dtype)
         signal = self.amplitude * torch.sin(2.0 * math.pi * self.frequency * cols / width)
         return (images + signal).clamp(0.0, 1.0)  # broadcasts along the last (horizontal) axis
+
+
+for _trigger in (PatchTrigger, BlendTrigger, SinusoidTrigger):
+    IMAGE_TRIGGERS.register(_trigger.model_fields["kind"].default, _trigger)
+
+
+class FunctionTrigger:
+    """A plain callable ``images -> triggered images`` (named by import path or registered as a function),
+    with the trojan's remaining config keys as its keyword arguments."""
+
+    def __init__(self, function: Callable[..., Tensor], params: dict[str, Any]) -> None:
+        self.function, self.params = function, params
+
+    def apply(self, images: Tensor) -> Tensor:
+        return self.function(images, **self.params)
+
+
+class ImageTrojan(BaseModel):
+    """One trojan: a trigger (any registered kind or import path, its parameters given alongside), the label
+    it forces, and the fraction of training examples poisoned with it."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: str
+    target: int = Field(ge=0)
+    poison_rate: float = Field(gt=0.0, le=0.2)
+    name: str | None = None
+    _trigger: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _build_trigger(self) -> ImageTrojan:
+        params = dict(self.model_extra or {})
+        self._trigger = build_kind(IMAGE_TRIGGERS, self.kind, params, "kind", FunctionTrigger)
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name reports use for this trojan: ``name`` if given, else the trigger kind."""
+        return self.name or self.kind.rpartition(":")[2]
+
+    @property
+    def trigger(self) -> Any:
+        return self._trigger
+
+    def apply(self, images: Tensor) -> Tensor:
+        """Triggered copies of ``(N, C, H, W)`` images in [0, 1]: deterministic, never in place, in [0, 1]."""
+        if images.ndim != 4:
+            raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
+        out = self._trigger.apply(images)
+        if not isinstance(out, Tensor) or out.shape != images.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"trigger {self.kind!r} returned {got}, expected a tensor of {tuple(images.shape)}"
+            )
+        return out
 
 
 @dataclass

@@ -1,0 +1,138 @@
+"""A defense is one registered object: what it perturbs, what its adversary maximises, what the model trains
+on. The trainer runs one loop for all of them and asks the defense at each of those three points.
+
+``DefenseConfig`` is the typed config section; its ``kind`` names a :class:`Defense` in
+``latentguard.registry.DEFENSES``. A user adds a defense by registering a subclass (one file, no edits)::
+
+    @DEFENSES.register("my_defense")
+    class MyDefense(Defense):
+        perturbs = True
+        what = "my latent adversary"
+        def objective(self, config, io): ...
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from latentguard.engine.attack import AttackResult, LatentAttack, Objective, PGDConfig, untargeted
+from latentguard.engine.io import ModelIO
+from latentguard.engine.threat import Threat
+from latentguard.errors import ConfigError
+from latentguard.registry import DEFENSES
+
+if TYPE_CHECKING:
+    from latentguard.engine.trainer import Trainer
+
+# Config fields that only some defenses read: setting one for another defense is a mistake, not a no-op.
+OPTION_FIELDS = ("toward_weight", "away_weight", "undesired_weight")
+
+
+class Defense:
+    """Base class of every defense kind; the class attributes describe it to the trainer and the report."""
+
+    trains: ClassVar[bool] = True  # False: the model is evaluated as it is (no defense phase)
+    perturbs: ClassVar[bool] = False  # trains on a perturbed forward: needs a threat (and sites)
+    needs_sites: ClassVar[bool] = False  # True: sites must be given; False: defaults to the input site
+    learns_threat: ClassVar[bool] = False  # its threat counts as seen by the held-out evaluation (a †)
+    by_layer: ClassVar[bool] = False  # the report plots its points against the layer it perturbs
+    clean_loss: ClassVar[bool] = False  # always trains on the clean forward (weight 1)
+    options: ClassVar[frozenset[str]] = frozenset()  # which of OPTION_FIELDS it reads
+    what: ClassVar[str] = "defense"  # how the report names what it trains against
+    uses_steps: ClassVar[bool] = True  # describe() shows the PGD step count
+
+    def check(self, config: DefenseConfig) -> None:
+        """Raise ``ValueError`` for a config this defense cannot run (the message names the field)."""
+
+    def objective(self, config: DefenseConfig, io: ModelIO) -> Objective:
+        """What the adversary maximises."""
+        return untargeted
+
+    def perturb(self, attack: LatentAttack, model: nn.Module, io: ModelIO, batch: Any) -> AttackResult:
+        """The perturbation the model trains under for this batch."""
+        return attack(model, io, batch)
+
+    def extra_terms(self, trainer: Trainer, batch: Any) -> dict[str, tuple[float, Tensor]]:
+        """Further weighted loss terms computed under the perturbation (name → (weight, loss))."""
+        return {}
+
+    def label(self, config: DefenseConfig) -> str:
+        """What it trains against, in words (the start of :meth:`describe`)."""
+        return self.what
+
+    def notes(self, config: DefenseConfig) -> list[str]:
+        """Settings of its own that the report lists after the threat (e.g. tlat's unlearning weight)."""
+        return []
+
+    def describe(self, config: DefenseConfig, radius: float | None) -> str:
+        """One line for the report's training-threat table."""
+        if not self.perturbs:
+            return self.label(config)
+        assert config.threat is not None
+        steps = f", {config.pgd.steps} steps" if self.uses_steps else ""
+        notes = [f"clean weight {config.clean_weight:g}"] if config.clean_weight else []
+        notes += self.notes(config)
+        notes += [f"KL weight {config.kl_weight:g}"] if config.kl_weight else []
+        extra = "".join(f", {note}" for note in notes)
+        where = ", ".join(config.sites)
+        return f"{self.label(config)} at {where}: {config.threat.describe(radius)}{steps}{extra}"
+
+
+def defense_for(kind: str, where: str = "kind") -> Defense:
+    """The registered defense object for ``kind`` (a class is instantiated)."""
+    entry = DEFENSES.get(kind, where)
+    defense = entry() if isinstance(entry, type) else entry
+    if not isinstance(defense, Defense):
+        raise ConfigError(f"{where}: {kind!r} is not a latentguard Defense (subclass latentguard.Defense)")
+    return defense
+
+
+class DefenseConfig(BaseModel):
+    """Which defense to train and against what threat."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str = Field(description="a registered defense: none, clean, at, lat, rlat, tlat or a plugin's")
+    sites: list[str] = Field(default_factory=list, description="layers to perturb; 'input' for AT")
+    threat: Threat | None = None
+    pgd: PGDConfig = PGDConfig()
+    clean_weight: float = Field(0.0, ge=0, description="weight of the extra loss on the clean forward")
+    kl_weight: float = Field(
+        0.0, ge=0, description="KL to the model as training started (LoRA: the adapter-disabled model)"
+    )
+    toward_weight: float = Field(1.0, ge=0, description="tlat adversary: pull toward the undesired output")
+    away_weight: float = Field(1.0, ge=0, description="tlat adversary: push away from the desired output")
+    undesired_weight: float = Field(
+        1.0, ge=0, description="tlat defense: push away from the undesired output under the attack"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="settings of a plugin's defense")
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> DefenseConfig:
+        try:
+            defense = self.defense
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("kind: ")) from None
+        if defense.perturbs and self.threat is None:
+            raise ValueError(f"defense kind {self.kind!r} needs a threat")
+        if defense.needs_sites and not self.sites:
+            raise ValueError(f"defense kind {self.kind!r} needs at least one site (a layer name)")
+        fields = type(self).model_fields
+        stray = [
+            n for n in OPTION_FIELDS if getattr(self, n) != fields[n].default and n not in defense.options
+        ]
+        if stray:
+            users = [name for name in DEFENSES.names() if set(stray) <= defense_for(name).options]
+            raise ValueError(f"{', '.join(stray)} only apply to defense kind(s) {', '.join(users) or 'none'}")
+        defense.check(self)
+        return self
+
+    @property
+    def defense(self) -> Defense:
+        return defense_for(self.kind)
+
+    def describe(self, radii: dict[str, float] | None = None) -> str:
+        return self.defense.describe(self, next(iter(radii.values())) if radii else None)

@@ -1,0 +1,117 @@
+"""The typed results schema: what the pipeline writes to ``results.json`` and the report reads.
+
+Metrics are keyed by ``(group, name)``: ``clean`` (clean performance), ``trojan`` (attack success rate per
+trojan), ``heldout`` (robust score per held-out attack) and ``latent`` (robust score under latent PGD per
+layer). Which defenses trained on a threat is declared once, on the metric (``seen_by``), never recovered
+from a key's spelling.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from latentguard.errors import UserError
+
+GROUPS = ("clean", "trojan", "heldout", "latent")
+Metrics = dict[str, dict[str, float | None]]  # group -> name -> value (None: not measured)
+
+
+class MetricSpec(BaseModel):
+    """One column of the results: what was measured, which way is better, which defenses saw its threat."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group: str
+    name: str
+    label: str
+    higher_is_better: bool | None = True
+    seen_by: list[str] = Field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.group, self.name)
+
+
+class Threat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str
+    seen_by: list[str] = Field(default_factory=list)
+
+
+class TrainingThreat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    defense: str
+    description: str
+
+
+class Trojan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str
+
+
+class Record(BaseModel):
+    """One trained-and-evaluated model: a defense at a seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int
+    defense: str
+    kind: str
+    sites: list[str]
+    epsilon: float | None = None
+    by_layer: bool = False  # the report plots this defense's points against its layer
+    metrics: Metrics
+    calibration: dict[str, dict[str, float]] = Field(default_factory=dict)
+    sanity: dict[str, bool | None] = Field(default_factory=dict)
+    heldout_details: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    seconds: dict[str, float] = Field(default_factory=dict)
+
+    def value(self, metric: MetricSpec | tuple[str, str]) -> float | None:
+        group, name = metric.key if isinstance(metric, MetricSpec) else metric
+        return self.metrics.get(group, {}).get(name)
+
+
+class Results(BaseModel):
+    """Everything a report needs, for every seed and defense of one run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    task: str
+    created: str
+    seeds: list[int]
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    trojans: list[Trojan] = Field(default_factory=list)
+    training_threats: list[TrainingThreat] = Field(default_factory=list)
+    heldout_threats: list[Threat] = Field(default_factory=list)
+    metrics: list[MetricSpec]
+    defense_order: list[str] = Field(default_factory=list)
+    layer_order: list[str] = Field(default_factory=list)
+    records: list[Record] = Field(min_length=1)
+    phase_seconds: dict[str, float] = Field(default_factory=dict)
+
+
+def load_results(path: Path) -> Results:
+    """A validated ``results.json``; a missing, damaged or foreign file is one line naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not readable JSON ({exc.__class__.__name__})") from None
+    try:
+        return Results.model_validate(data)
+    except ValidationError as exc:
+        from latentguard.config import format_validation_error
+
+        first = format_validation_error(exc).splitlines()[0]
+        raise UserError(f"{path}: not a complete latentguard results file ({first})") from None
