@@ -44,9 +44,9 @@ def test_image_sweep_config_expands_every_kind() -> None:
 def test_set_overrides_reach_the_sweep_section_and_the_run_config() -> None:
     base, spec = load_sweep(IMAGE_SWEEP, ["sweep.lat.epsilons=[0.3]", "training.steps=7"])
     assert (
-        spec.lat is not None
-        and spec.lat.epsilons == [0.3]
-        and spec.lat.layers == ["stem", "block1", "block2", "block3"]
+        "lat" in spec.grids()
+        and spec.grids()["lat"].epsilons == [0.3]
+        and spec.grids()["lat"].layers == ["stem", "block1", "block2", "block3"]
     )
     assert base.training.steps == 7
     assert next(d.name for d in expand(base, spec).defenses if d.kind == "lat") == "lat@stem:eps=0.3"
@@ -73,12 +73,13 @@ def test_cli_reports_a_bad_sweep_section_in_one_line(tmp_path: Path, capsys: pyt
 
 
 def test_flags_change_one_kind_and_default_to_lat_over_the_stages() -> None:
-    spec = SweepSpec(at=SweepGrid(epsilons=[1.0]), lat=SweepGrid(layers=["block2"], epsilons=[0.5]))
+    spec = SweepSpec({"at": SweepGrid(epsilons=[1.0]), "lat": SweepGrid(layers=["block2"], epsilons=[0.5])})
     assert with_flags(spec, "lat", [], []) == spec
     changed = with_flags(spec, "at", [], [0.5, 2.0])
-    assert changed.at == SweepGrid(epsilons=[0.5, 2.0]) and changed.lat == spec.lat
-    assert with_flags(spec, "lat", [], [0.1]).lat == SweepGrid(layers=["block2"], epsilons=[0.1])
-    assert with_flags(SweepSpec(), "lat", [], []) == SweepSpec(lat=SweepGrid())
+    assert changed.grids()["at"] == SweepGrid(epsilons=[0.5, 2.0])
+    assert changed.grids()["lat"] == spec.grids()["lat"]
+    assert with_flags(spec, "lat", [], [0.1]).grids()["lat"] == SweepGrid(layers=["block2"], epsilons=[0.1])
+    assert with_flags(SweepSpec(), "lat", [], []) == SweepSpec({"lat": SweepGrid()})
     config = expand(load_config(), with_flags(SweepSpec(), "lat", [], []))
     assert [d.name for d in config.defenses if d.kind == "lat"] == [
         point_name("lat", layer, 0.25) for layer in ("stem", "block1", "block2", "block3")
@@ -87,8 +88,8 @@ def test_flags_change_one_kind_and_default_to_lat_over_the_stages() -> None:
 
 def test_at_points_on_named_layers_and_name_clashes() -> None:
     base = load_config()
-    config = expand(base, SweepSpec(at=SweepGrid(layers=["input"], epsilons=[0.5])))
+    config = expand(base, SweepSpec({"at": SweepGrid(layers=["input"], epsilons=[0.5])}))
     assert [(d.name, d.sites) for d in config.defenses if d.kind == "at"] == [("at@input:eps=0.5", ["input"])]
     clash = load_config(overrides=["defenses.none.name=lat@block2:eps=0.25"])
     with pytest.raises(ConfigError, match=r"repeated: lat@block2:eps=0\.25"):
-        expand(clash, SweepSpec(lat=SweepGrid(layers=["block2"])))
+        expand(clash, SweepSpec({"lat": SweepGrid(layers=["block2"])}))

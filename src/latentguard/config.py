@@ -116,12 +116,9 @@ def _problem(error: Any, prefix: str) -> str:
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """Every problem as ``field.path: what was expected``, unknown keys first; one per line."""
+    """Every problem as ``field.path: what was expected``, unknown keys first, on one line."""
     errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # stable
-    problems = list(dict.fromkeys(_problem(error, prefix) for error in errors))
-    if len(problems) == 1:
-        return problems[0]
-    return f"{problems[0]}\n" + "\n".join(f"  also {p}" for p in problems[1:])
+    return "; ".join(dict.fromkeys(_problem(error, prefix) for error in errors))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from latentguard.engine.attack import AttackResult, LatentAttack, Objective, PGDConfig, untargeted
@@ -110,12 +110,18 @@ class DefenseConfig(BaseModel):
     )
     options: dict[str, Any] = Field(default_factory=dict, description="settings of a plugin's defense")
 
-    @model_validator(mode="after")
-    def _fits_kind(self) -> DefenseConfig:
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, kind: str) -> str:
         try:
-            defense = self.defense
+            defense_for(kind)
         except ConfigError as exc:
             raise ValueError(str(exc).removeprefix("kind: ")) from None
+        return kind
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> DefenseConfig:
+        defense = self.defense
         if defense.perturbs and self.threat is None:
             raise ValueError(f"defense kind {self.kind!r} needs a threat")
         if defense.needs_sites and not self.sites:
