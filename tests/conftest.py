@@ -42,3 +42,20 @@ def mlp() -> nn.Sequential:
 @pytest.fixture
 def blobs() -> tuple[Tensor, Tensor]:
     return make_blobs()
+
+
+GROUP_OF_PREFIX = {"asr": "trojan", "robust": "heldout", "latent": "latent"}
+
+
+def nest_metrics(flat: dict) -> dict:
+    """``{"asr/patch": v, "clean_accuracy": w}`` (the old flat keys) as the results schema's groups."""
+    nested: dict = {}
+    for key, value in flat.items():
+        prefix, _, name = key.rpartition("/")
+        nested.setdefault(GROUP_OF_PREFIX.get(prefix, "clean"), {})[name or key] = value
+    return nested
+
+
+def metric_key(flat_key: str) -> tuple[str, str]:
+    prefix, _, name = flat_key.rpartition("/")
+    return (GROUP_OF_PREFIX.get(prefix, "clean"), name or flat_key)

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from latentguard.errors import UserError
+from conftest import metric_key, nest_metrics
+
 from latentguard.report import (
     BY_LAYER_FILE,
     PARETO_ROBUST_FILE,
@@ -82,7 +84,8 @@ def _record(seed: int, defense: str) -> dict:
         "kind": kind,
         "sites": sites,
         "epsilon": epsilon,
-        "metrics": dict(per_seed[seed]),
+        "metrics": nest_metrics(per_seed[seed]),
+        "by_layer": kind == "lat",
         "calibration": {
             s: {"mean_norm": 10.0 + seed, "epsilon_abs": 0.5 * (10.0 + seed)} for s in sites if kind == "lat"
         },
@@ -120,14 +123,15 @@ def make_results() -> dict:
             {"name": "pgd_linf", "description": "torchattacks PGD (eps=0.1, 20 steps)", "seen_by": ["at"]},
         ],
         "metrics": [
-            {"key": "clean_accuracy", "label": "Clean acc.", "group": "clean", "higher_is_better": True},
-            {"key": "asr/patch", "label": "ASR patch", "group": "trojan", "higher_is_better": False},
-            {"key": "robust/pgd_l2", "label": "PGD-L2", "group": "heldout", "higher_is_better": True},
+            {"group": "clean", "name": "clean_accuracy", "label": "Clean acc.", "higher_is_better": True},
+            {"group": "trojan", "name": "patch", "label": "ASR patch", "higher_is_better": False},
+            {"group": "heldout", "name": "pgd_l2", "label": "PGD-L2", "higher_is_better": True},
             {
-                "key": "robust/pgd_linf",
+                "group": "heldout",
+                "name": "pgd_linf",
                 "label": "PGD-Linf (seen by at)",
-                "group": "seen",
                 "higher_is_better": True,
+                "seen_by": ["at"],
             },
         ],
         "defense_order": list(DEFENSES),
@@ -152,11 +156,11 @@ def _assert_png(path: Path) -> None:
 
 def test_summarize_mean_std_by_hand() -> None:
     summary = summarize(make_results()["records"])
-    at = summary["at"]["clean_accuracy"]
+    at = summary["at"][metric_key("clean_accuracy")]
     assert at["n"] == 2
     assert at["mean"] == pytest.approx(0.85)
     assert at["std"] == pytest.approx(math.sqrt(2 * 0.05**2))  # sample std of 0.80, 0.90 = 0.0707
-    asr = summary["lat@block1"]["asr/patch"]
+    asr = summary["lat@block1"][metric_key("asr/patch")]
     assert asr["mean"] == pytest.approx(0.25)
     assert asr["std"] == pytest.approx(math.sqrt(2 * 0.05**2))
     assert list(summary) == list(DEFENSES)
@@ -164,13 +168,13 @@ def test_summarize_mean_std_by_hand() -> None:
 
 def test_summarize_ignores_missing_none_and_nan() -> None:
     records = [
-        {"defense": "a", "metrics": {"m": 0.5, "x": None}},
-        {"defense": "a", "metrics": {"x": float("nan")}},
+        {"defense": "a", "metrics": {"g": {"m": 0.5, "x": None}}},
+        {"defense": "a", "metrics": {"g": {"x": float("nan")}}},
         {"defense": "a", "metrics": {}},
         {"defense": "b"},
     ]
     summary = summarize(records)
-    assert summary["a"] == {"m": {"mean": 0.5, "std": 0.0, "n": 1}}
+    assert summary["a"] == {("g", "m"): {"mean": 0.5, "std": 0.0, "n": 1}}
     assert summary["b"] == {}
 
 
@@ -242,9 +246,9 @@ def test_missing_metrics_do_not_crash(tmp_path: Path) -> None:
     results = make_results()
     for record in results["records"]:
         if record["defense"] == "at":
-            record["metrics"].pop("robust/pgd_l2")
+            record["metrics"]["heldout"].pop("pgd_l2")
         if record["defense"] == "lat@block1" and record["seed"] == 1:
-            record["metrics"]["asr/patch"] = None
+            record["metrics"]["trojan"]["patch"] = None
         if record["defense"] == "clean":
             record["metrics"] = {}
         record.pop("calibration")
@@ -256,7 +260,7 @@ def test_missing_metrics_do_not_crash(tmp_path: Path) -> None:
     at_row = next(line for line in table.splitlines() if line.startswith("| at "))
     assert at_row.count("–") == 1
     block1_row = next(line for line in table.splitlines() if line.startswith("| lat@block1 "))
-    assert "0.300 ± 0.000 (n=1)" in block1_row
+    assert "0.300 (n=1)" in block1_row
     assert "No sanity checks were recorded" in md
     assert summarize(results["records"])["clean"] == {}
 
@@ -266,9 +270,11 @@ def test_plots_return_none_without_data(tmp_path: Path) -> None:
     results["records"] = [r for r in results["records"] if r["defense"] != "lat@block2"]
     assert plot_by_layer(results, tmp_path / "layer.png") is None  # one LAT layer only
     assert not (tmp_path / "layer.png").exists()
-    empty = {"name": "empty", "metrics": results["metrics"], "records": []}
+    empty = {**results, "records": []}
     assert plot_pareto(empty, tmp_path / "p.png") is None
-    assert write_report(empty, tmp_path / "empty") == [tmp_path / "empty" / "report.md"]
+    with pytest.raises(UserError, match="records: List should have at least 1 item"):
+        write_report(empty, tmp_path / "empty")  # nothing to report: refused, never an empty report
+    assert not (tmp_path / "empty").exists()
 
 
 def test_by_layer_with_several_epsilons(tmp_path: Path) -> None:

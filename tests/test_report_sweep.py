@@ -32,11 +32,11 @@ def _record(
         "kind": kind,
         "sites": sites,
         "epsilon": epsilon,
+        "by_layer": kind in ("lat", "rlat"),
         "metrics": {
-            "clean_accuracy": 0.9 - 0.1 * strength + jitter,
-            "asr/patch": max(0.0, 0.9 - 0.8 * strength) + jitter,
-            "robust/pgd_linf": 0.05 + 0.6 * strength - jitter,
-            "robust/pgd_l2": 0.05 + 0.7 * strength,
+            "clean": {"clean_accuracy": 0.9 - 0.1 * strength + jitter},
+            "trojan": {"patch": max(0.0, 0.9 - 0.8 * strength) + jitter},
+            "heldout": {"pgd_linf": 0.05 + 0.6 * strength - jitter, "pgd_l2": 0.05 + 0.7 * strength},
         },
     }
 
@@ -55,16 +55,19 @@ def sweep_results() -> dict:
     grid.append((point_name("rlat", "block2", 0.5), "rlat", ["block2"], 0.5, 0.1))
     return {
         "name": "sweep-test",
+        "task": "image_cls",
+        "created": "2026-11-25T12:00:00Z",
         "seeds": list(SEEDS),
         "metrics": [
-            {"key": "clean_accuracy", "label": "clean accuracy", "group": "clean", "higher_is_better": True},
-            {"key": "asr/patch", "label": "ASR patch", "group": "trojan", "higher_is_better": False},
-            {"key": "robust/pgd_linf", "label": "pgd_linf", "group": "heldout", "higher_is_better": True},
+            {"group": "clean", "name": "clean_accuracy", "label": "clean accuracy", "higher_is_better": True},
+            {"group": "trojan", "name": "patch", "label": "ASR patch", "higher_is_better": False},
+            {"group": "heldout", "name": "pgd_linf", "label": "pgd_linf", "higher_is_better": True},
             {
-                "key": "robust/pgd_l2",
+                "group": "heldout",
+                "name": "pgd_l2",
                 "label": "pgd_l2 (seen by at)",
-                "group": "seen",
                 "higher_is_better": True,
+                "seen_by": [n for n in (point_name("at", None, e) for e in (2.0, 0.5, 1.0, 0.25))],
             },
         ],
         "defense_order": [g[0] for g in grid],
@@ -136,7 +139,7 @@ def test_entrenchment_pairs_each_seed_with_the_undefended_model() -> None:
     assert "No defense has a mean ASR above `none`'s" in _section(render_markdown(results), "Entrenchment")
     for record in results["records"]:
         if record["defense"] == "clean" and record["seed"] == 0:
-            record["metrics"]["asr/patch"] = (
+            record["metrics"]["trojan"]["patch"] = (
                 0.99  # none has 0.90 at seed 0; clean is 0.04 below at seeds 1, 2
             )
     section = _section(render_markdown(results), "Entrenchment")
@@ -150,7 +153,7 @@ def test_pareto_section_lists_only_non_dominated_defenses() -> None:
     results = sweep_results()
     for record in results["records"]:
         if record["defense"] == "lat@block1:eps=1":
-            record["metrics"]["clean_accuracy"] -= 0.05  # same robustness as at:eps=1, lower clean accuracy
+            record["metrics"]["clean"]["clean_accuracy"] -= 0.05  # same robustness as at:eps=1, lower clean accuracy
     section = _section(render_markdown(results), "Pareto fronts")
     heldout = next(
         line for line in section.splitlines() if line.startswith("**clean accuracy vs mean held-out")
@@ -164,11 +167,11 @@ def test_several_held_out_attacks_get_a_pareto_plot_and_front_each(tmp_path: Pat
     """A mean over attacks of different classes can hide that a defense wins on one: each is shown alone."""
     results = sweep_results()
     results["metrics"].append(
-        {"key": "robust/spatial", "label": "spatial", "group": "heldout", "higher_is_better": True}
+        {"group": "heldout", "name": "spatial", "label": "spatial", "higher_is_better": True}
     )
     for record in results["records"]:  # LAT at block2 is the best against this attack, AT the worst
         layer_bonus = 0.3 if record["sites"] == ["block2"] and record["kind"] == "lat" else 0.0
-        record["metrics"]["robust/spatial"] = 0.2 + layer_bonus - (0.1 if record["kind"] == "at" else 0.0)
+        record["metrics"]["heldout"]["spatial"] = 0.2 + layer_bonus - (0.1 if record["kind"] == "at" else 0.0)
     written = [p.name for p in write_report(results, tmp_path)]
     per_attack = [f"{PER_ATTACK_PREFIX}pgd_linf.png", f"{PER_ATTACK_PREFIX}spatial.png"]
     assert written[-2:] == per_attack

@@ -100,18 +100,25 @@ class Results(BaseModel):
     phase_seconds: dict[str, float] = Field(default_factory=dict)
 
 
+def validate_results(data: Any, where: str) -> Results:
+    """``data`` checked against the schema; what is missing or wrong is one line naming ``where``."""
+    try:
+        return Results.model_validate(data)
+    except ValidationError as exc:
+        from latentguard.config import format_validation_error
+
+        problems = format_validation_error(exc)
+        raise UserError(f"{where}: not a results file with what a report needs ({problems[:300]})") from None
+
+
 def load_results(path: Path) -> Results:
     """A validated ``results.json``; a missing, damaged or foreign file is one line naming it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not readable JSON ({exc.__class__.__name__})") from None
-    try:
-        return Results.model_validate(data)
-    except ValidationError as exc:
-        from latentguard.config import format_validation_error
-
-        first = format_validation_error(exc).splitlines()[0]
-        raise UserError(f"{path}: not a complete latentguard results file ({first})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read it ({exc.__class__.__name__})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno})") from None
+    return validate_results(data, str(path))

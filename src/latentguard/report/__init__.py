@@ -20,7 +20,7 @@ from latentguard.report.stats import (
     summarize,
 )
 from latentguard.report.tables import render_markdown
-from latentguard.results import Results, load_results
+from latentguard.results import Results, load_results, validate_results
 from latentguard.runs import atomic_write_text
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
 def write_report(results: Results | dict, out_dir: Path) -> list[Path]:
     """Write ``report.md`` and the plots that apply into ``out_dir``; return the paths, report first.
     A dict is first validated against the results schema."""
-    typed = results if isinstance(results, Results) else Results.model_validate(results)
+    typed = results if isinstance(results, Results) else validate_results(results, "results")
     results = typed.model_dump(mode="json")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
