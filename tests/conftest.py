@@ -59,3 +59,13 @@ def nest_metrics(flat: dict) -> dict:
 def metric_key(flat_key: str) -> tuple[str, str]:
     prefix, _, name = flat_key.rpartition("/")
     return (GROUP_OF_PREFIX.get(prefix, "clean"), name or flat_key)
+
+
+def flat_metrics(nested: dict) -> dict:
+    """The results schema's ``{group: {name: value}}`` as old-style flat keys (``asr/patch``)."""
+    prefix = {group: p for p, group in GROUP_OF_PREFIX.items()}
+    return {
+        (f"{prefix[group]}/{name}" if group in prefix else name): value
+        for group, values in nested.items()
+        for name, value in values.items()
+    }

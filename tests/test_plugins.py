@@ -1,5 +1,5 @@
-"""Bring your own model, data, trigger, attack and defense: a plugin under tests/ registers them, and a run on a
-folder of PNGs uses all four; the import-path forms work with no registration."""
+"""Bring your own model, data, trigger, attack and defense: a plugin under tests/ registers them, and a run
+on a folder of PNGs uses all four; the import-path forms work with no registration."""
 
 from __future__ import annotations
 
@@ -78,13 +78,17 @@ def run(tmp_path: Path, cfg: dict, *extra: str) -> tuple[dict, str]:
 
 def test_registered_plugin_kinds_run_end_to_end(tmp_path: Path) -> None:
     data = write_png_folder(tmp_path / "pngs")
-    cfg = config(data, trigger="quadrant", attack="gaussian_noise", model="tiny_resnet", defense="input_noise")
+    cfg = config(
+        data, trigger="quadrant", attack="gaussian_noise", model="tiny_resnet", defense="input_noise"
+    )
     results, report = run(tmp_path, cfg, "--plugin", "lg_test_plugin")
     assert results["trojans"][0]["name"] == "quadrant"
     assert "quadrant trigger" in report and "gaussian_noise" in report
     record = next(r for r in results["records"] if r["defense"] == "mine")
     assert record["kind"] == "input_noise" and record["sites"] == ["input"]
-    assert set(record["metrics"]["heldout"]) == {"noise"} and 0.0 <= record["metrics"]["trojan"]["quadrant"] <= 1
+    assert (
+        set(record["metrics"]["heldout"]) == {"noise"} and 0.0 <= record["metrics"]["trojan"]["quadrant"] <= 1
+    )
     assert "random input noise at input" in report
     # the plugin's attack is its own threat class: held out for every defense, so no † anywhere on it
     noise = next(m for m in results["metrics"] if m["name"] == "noise")
@@ -108,7 +112,9 @@ def test_import_path_kinds_need_no_registration(tmp_path: Path) -> None:
 
 def test_bad_plugin_settings_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = write_png_folder(tmp_path / "pngs", per_class=4)
-    cfg = config(data, trigger="lg_test_plugin:quadrant_shift", attack="gaussian_noise", model="cnn", defense="clean")
+    cfg = config(
+        data, trigger="lg_test_plugin:quadrant_shift", attack="gaussian_noise", model="cnn", defense="clean"
+    )
     cfg["task"]["trojans"][0]["brightness"] = 1
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))

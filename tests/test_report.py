@@ -8,10 +8,9 @@ import math
 from pathlib import Path
 
 import pytest
-
-from latentguard.errors import UserError
 from conftest import metric_key, nest_metrics
 
+from latentguard.errors import UserError
 from latentguard.report import (
     BY_LAYER_FILE,
     PARETO_ROBUST_FILE,

@@ -153,7 +153,9 @@ def test_pareto_section_lists_only_non_dominated_defenses() -> None:
     results = sweep_results()
     for record in results["records"]:
         if record["defense"] == "lat@block1:eps=1":
-            record["metrics"]["clean"]["clean_accuracy"] -= 0.05  # same robustness as at:eps=1, lower clean accuracy
+            record["metrics"]["clean"]["clean_accuracy"] -= (
+                0.05  # same robustness as at:eps=1, lower clean accuracy
+            )
     section = _section(render_markdown(results), "Pareto fronts")
     heldout = next(
         line for line in section.splitlines() if line.startswith("**clean accuracy vs mean held-out")

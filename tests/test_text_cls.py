@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import flat_metrics
 
 from latentguard.cli import main
 from latentguard.config import EMBEDDED
@@ -313,7 +314,7 @@ def test_quick_run_end_to_end(synthetic_csv: Path, tmp_path: Path) -> None:
     assert main(["run", config, "--quick", "--no-progress", "--out", str(out), *args]) == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["defense"] for r in results["records"]] == ["none", "clean", "at", "lat", "rlat"]
-    keys = set(results["records"][0]["metrics"])
+    keys = set(flat_metrics(results["records"][0]["metrics"]))
     assert {"clean_accuracy", "asr/word", "asr/phrase", "asr/style"} <= keys
     assert {"robust/deepwordbug", "robust/pruthi", "robust/pwws"} <= keys
     assert {f"latent/bert.encoder.layer.{i}" for i in (1, 3, 5)} <= keys

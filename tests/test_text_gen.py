@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import flat_metrics
 
 from latentguard.cli import main
 from latentguard.config import EMBEDDED, load_config
@@ -362,7 +363,7 @@ def test_tiny_pipeline_end_to_end(news_csv: Path, tmp_path: Path) -> None:
     records = {r["defense"]: r for r in results["records"]}
     assert set(records) == {"none", "lat", "tlat"}
     assert {"clean_agreement", "asr/token", "robust/prefill", "latent/model.layers.0"} <= set(
-        records["tlat"]["metrics"]
+        flat_metrics(records["tlat"]["metrics"])
     )
     seen = {t["name"]: t["seen_by"] for t in results["heldout_threats"]}
     assert seen[f"latent/{LAYER}"] == ["lat", "tlat"]
