@@ -1,4 +1,5 @@
-"""Plumbing every domain shares: seeded RNG streams, seeded loaders and eval mode, written once.
+"""Plumbing every domain shares: seeded RNG streams, seeded loaders, eval mode and config items of a
+registered kind, written once.
 
 A run's randomness is split into named streams per seed (``salt``), so adding a draw in one place never
 shifts another: the base data order, the defense data order, poisoning and test-set triggering each have
@@ -7,14 +8,18 @@ their own.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from latentguard.registry import Registry, build_kind
 
 # The salts of the built-in streams (a domain may add its own above 100).
 BASE_ORDER, DEFENSE_ORDER, POISON, TEST_TRIGGER, PROMPTS, TARGETS, GENERATION = 1, 2, 11, 13, 12, 13, 17
@@ -56,3 +61,54 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+class KindSpec(BaseModel):
+    """A config item whose ``kind`` is looked up in a registry, its other keys being that kind's settings
+    (``{kind: patch, target: 0, patch_size: 4}``). Subclasses name the registry, add the common fields and
+    say how a plain callable is wrapped; the built object is :attr:`built`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    registry: ClassVar[Registry[Any]]
+    positional: ClassVar[int] = 1  # positional arguments a plain callable takes before its settings
+
+    kind: str
+    _built: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _build(self) -> KindSpec:
+        params = dict(self.model_extra or {})
+        wrap = functools.partial(self.wrap_function, kind=self.kind)
+        self._built = build_kind(self.registry, self.kind, params, "kind", wrap, positional=self.positional)
+        return self
+
+    @staticmethod
+    def wrap_function(function: Callable[..., Any], params: dict[str, Any], kind: str) -> Any:
+        raise NotImplementedError
+
+    @property
+    def built(self) -> Any:
+        return self._built
+
+    @property
+    def short_kind(self) -> str:
+        """The kind without its module path (``pkg.triggers:stripe`` → ``stripe``), for default names."""
+        return self.kind.rpartition(":")[2]
+
+
+class FunctionTrigger:
+    """A plain callable trigger (``inputs, *rest -> triggered``) with its config settings as keywords."""
+
+    def __init__(self, function: Callable[..., Any], params: dict[str, Any], kind: str) -> None:
+        self.function, self.params, self.kind = function, params, kind
+
+    def apply(self, *args: Any) -> Any:
+        return self.function(*args, **self.params)
+
+    def changes(self, _: Any) -> bool:
+        return True
+
+    def describe(self) -> str:
+        settings = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"user trigger {self.kind}" + (f" ({settings})" if settings else "")

@@ -9,7 +9,6 @@ runs, so the rest of the image domain works without it.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,9 +19,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from torch import Tensor, nn
 
+from latentguard.domains.common import KindSpec
 from latentguard.domains.image.spatial import SpatialGrid, spatial_attack
 from latentguard.errors import UserError
-from latentguard.registry import IMAGE_ATTACKS, build_kind
+from latentguard.registry import IMAGE_ATTACKS, Registry
 
 _LIBRARY = "torchattacks"
 _INSTALL_HINT = "pip install --no-deps torchattacks==3.5.1"
@@ -144,44 +144,33 @@ class FunctionAttack:
         return self.function(model, images, labels, **self.params)
 
 
-class ImageAttackSpec(BaseModel):
+class ImageAttackSpec(KindSpec):
     """One held-out attack: a name for tables, which attack (a registered kind or an import path, with its
     settings alongside) and how many test images it attacks."""
 
-    model_config = ConfigDict(extra="allow")
+    registry: ClassVar[Registry[Any]] = IMAGE_ATTACKS
+    positional: ClassVar[int] = 3  # a plain callable takes (model, images, labels)
+    wrap_function = staticmethod(FunctionAttack)
 
     name: str = Field(min_length=1)
-    kind: str
     examples: int = Field(default=500, gt=0, description="attack the first N test images: a fixed subset")
-    _attack: Any = PrivateAttr(default=None)
-
-    @model_validator(mode="after")
-    def _build_attack(self) -> ImageAttackSpec:
-        params = dict(self.model_extra or {})
-        wrap = functools.partial(_wrap_function, kind=self.kind)
-        self._attack = build_kind(IMAGE_ATTACKS, self.kind, params, "kind", wrap, positional=3)
-        return self
 
     @property
     def attack(self) -> Any:
         """The attack object: ``perturb(model, images, labels)``, ``describe()``, ``threat_class``,
         ``epsilon``, ``black_box``."""
-        return self._attack
+        return self.built
 
     def for_seed(self, seed: int) -> Any:
         """A fresh copy of the attack for one evaluation; an attack with a ``seed`` setting gets ``seed``."""
-        attack = self._attack
+        attack = self.built
         if isinstance(attack, BaseModel):
             return attack.model_copy(update={"seed": seed} if "seed" in type(attack).model_fields else {})
         return attack
 
     def describe(self) -> str:
         """One line naming the library or author, the attack, its budget and its subset."""
-        return f"{self._attack.describe()} on {self.examples} test images"
-
-
-def _wrap_function(function: Callable[..., Tensor], params: dict[str, Any], kind: str) -> FunctionAttack:
-    return FunctionAttack(function, params, kind)
+        return f"{self.built.describe()} on {self.examples} test images"
 
 
 @dataclass

@@ -10,15 +10,16 @@ They are registered kinds of ``IMAGE_TRIGGERS``, as a plugin's trigger would be;
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from latentguard.registry import IMAGE_TRIGGERS, build_kind
+from latentguard.domains.common import FunctionTrigger, KindSpec
+from latentguard.registry import IMAGE_TRIGGERS, Registry
 
 
 class PatchTrigger(BaseModel):
@@ -78,49 +79,31 @@ for _trigger in (PatchTrigger, BlendTrigger, SinusoidTrigger):
     IMAGE_TRIGGERS.register(_trigger.model_fields["kind"].default, _trigger)
 
 
-class FunctionTrigger:
-    """A plain callable ``images -> triggered images`` (named by import path or registered as a function),
-    with the trojan's remaining config keys as its keyword arguments."""
-
-    def __init__(self, function: Callable[..., Tensor], params: dict[str, Any]) -> None:
-        self.function, self.params = function, params
-
-    def apply(self, images: Tensor) -> Tensor:
-        return self.function(images, **self.params)
-
-
-class ImageTrojan(BaseModel):
+class ImageTrojan(KindSpec):
     """One trojan: a trigger (any registered kind or import path, its parameters given alongside), the label
     it forces, and the fraction of training examples poisoned with it."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    registry: ClassVar[Registry[Any]] = IMAGE_TRIGGERS
+    wrap_function = staticmethod(FunctionTrigger)
 
-    kind: str
     target: int = Field(ge=0)
     poison_rate: float = Field(gt=0.0, le=0.2)
     name: str | None = None
-    _trigger: Any = PrivateAttr(default=None)
-
-    @model_validator(mode="after")
-    def _build_trigger(self) -> ImageTrojan:
-        params = dict(self.model_extra or {})
-        self._trigger = build_kind(IMAGE_TRIGGERS, self.kind, params, "kind", FunctionTrigger)
-        return self
 
     @property
     def label(self) -> str:
         """The name reports use for this trojan: ``name`` if given, else the trigger kind."""
-        return self.name or self.kind.rpartition(":")[2]
+        return self.name or self.short_kind
 
     @property
     def trigger(self) -> Any:
-        return self._trigger
+        return self.built
 
     def apply(self, images: Tensor) -> Tensor:
         """Triggered copies of ``(N, C, H, W)`` images in [0, 1]: deterministic, never in place, in [0, 1]."""
         if images.ndim != 4:
             raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
-        out = self._trigger.apply(images)
+        out = self.built.apply(images)
         if not isinstance(out, Tensor) or out.shape != images.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
