@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from latentguard.defenses.base import DefenseConfig
 from latentguard.engine.attack import PGDConfig
 from latentguard.engine.threat import Threat
 from latentguard.engine.trainer import TrainConfig
 from latentguard.errors import ConfigError
-from latentguard.registry import load_plugins
+from latentguard.registry import Registry, load_plugins
 
 EMBEDDED = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = EMBEDDED / "fmnist.yaml"
@@ -222,13 +222,21 @@ def validate_section(model: type[BaseModel], data: Any, prefix: str) -> Any:
         raise ConfigError(format_validation_error(exc, prefix)) from None
 
 
-def validate_attacks(model: type[BaseModel], attacks: list[Any]) -> list[Any]:
-    """A domain's ``evaluation.attacks``, each validated by its spec model (a root model unwrapped), with
-    unique names: results are keyed by attack name."""
+def validate_attacks(kinds: type[BaseModel] | Registry[Any], attacks: list[Any]) -> list[Any]:
+    """A domain's ``evaluation.attacks``, each validated by its spec model (a ``Registry`` of spec models:
+    the one its ``kind`` names), with unique names: results are keyed by attack name."""
     specs = []
     for i, spec in enumerate(attacks):
-        valid = validate_section(model, spec, f"evaluation.attacks.{i}")
-        specs.append(valid.root if isinstance(valid, RootModel) else valid)
+        where = f"evaluation.attacks.{i}"
+        model = kinds
+        if isinstance(kinds, Registry):
+            kind = spec.get("kind") if isinstance(spec, dict) else None
+            if not isinstance(kind, str):
+                raise ConfigError(
+                    f"{where}.kind: required key is missing (one of {', '.join(kinds.names())})"
+                )
+            model = kinds.get(kind, f"{where}.kind")
+        specs.append(validate_section(model, spec, where))
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ConfigError("evaluation.attacks: attack names must be unique")

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from latentguard.registry import Registry, build_kind
 
 # The salts of the built-in streams (a domain may add its own above 100).
-BASE_ORDER, DEFENSE_ORDER, POISON, TEST_TRIGGER, PROMPTS, TARGETS, GENERATION = 1, 2, 11, 13, 12, 13, 17
+BASE_ORDER, DEFENSE_ORDER = 1, 2  # the order of the base (poisoned) and defense (clean) training data
+POISON, RESPONSES, TEST_TRIGGER, ADAPTERS = 11, 12, 13, 17  # who gets poisoned; generated answers; test set
 
 
 def stream_seed(seed: int, salt: int) -> int:
@@ -41,12 +42,13 @@ def python_rng(seed: int, salt: int) -> random.Random:
 def seeded_loader(
     dataset: Dataset, batch_size: int, seed: int, salt: int, collate_fn: Callable[..., Any] | None = None
 ) -> DataLoader:
-    """Shuffled full batches in an order fixed by ``(seed, salt)``."""
+    """Shuffled batches in an order fixed by ``(seed, salt)``; only full batches unless the data holds less
+    than one."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=True,
-        drop_last=True,
+        drop_last=len(dataset) >= batch_size,  # type: ignore[arg-type]
         generator=generator(seed, salt),
         collate_fn=collate_fn,
     )

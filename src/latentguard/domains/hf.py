@@ -6,9 +6,28 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from latentguard.errors import ConfigError
+
+
+class TinyTransformerSpec(BaseModel):
+    """Size of a random tiny transformer for tests and smoke runs (each domain sets its own defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hidden_size: int = Field(64, ge=8, le=1024)
+    layers: int = Field(4, ge=1, le=32)
+    heads: int = Field(4, ge=1, le=32)
+    intermediate_size: int = Field(128, ge=8, le=8192)
+    vocab_size: int = Field(2000, ge=50, le=100_000)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyTransformerSpec:
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
+        return self
 
 
 def input_site_of(model: nn.Module) -> str:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from latentguard.domains.common import KindSpec
 from latentguard.domains.image.spatial import SpatialGrid, spatial_attack
+from latentguard.engine.site import frozen
 from latentguard.errors import UserError
 from latentguard.registry import IMAGE_ATTACKS, Registry
 
@@ -266,33 +267,24 @@ def run_attack(
     if count == 0:
         raise ValueError(f"attack {spec.name!r}: no test images to attack")
     subset_images, subset_labels = images[:count], labels[:count]
-    was_training = model.training
-    grad_flags = [p.requires_grad for p in model.parameters()]
     clean_correct = robust_correct = 0
     start = time.perf_counter()
-    try:
-        model.eval()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)  # only input gradients are needed: skip weight gradients
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            attack = spec.for_seed(seed)
-            for first in range(0, count, batch_size):
-                batch = subset_images[first : first + batch_size].to(device)
-                target = subset_labels[first : first + batch_size].to(device)
-                with torch.no_grad():
-                    logits = model(batch)
-                right = logits.argmax(dim=-1) == target
-                adversarial = attack.perturb(model, batch, target).detach()
-                _check_budget(adversarial, batch, spec)
-                with torch.no_grad():
-                    still_right = model(adversarial).argmax(dim=-1) == target
-                clean_correct += int(right.sum())
-                robust_correct += int((right & still_right).sum())
-    finally:
-        for parameter, flag in zip(model.parameters(), grad_flags, strict=True):
-            parameter.requires_grad_(flag)
-        model.train(was_training)
+    forked = [device] if device.type == "cuda" else []
+    with frozen(model), torch.random.fork_rng(devices=forked):  # only input gradients: no weight gradients
+        torch.manual_seed(seed)
+        attack = spec.for_seed(seed)
+        for first in range(0, count, batch_size):
+            batch = subset_images[first : first + batch_size].to(device)
+            target = subset_labels[first : first + batch_size].to(device)
+            with torch.no_grad():
+                logits = model(batch)
+            right = logits.argmax(dim=-1) == target
+            adversarial = attack.perturb(model, batch, target).detach()
+            _check_budget(adversarial, batch, spec)
+            with torch.no_grad():
+                still_right = model(adversarial).argmax(dim=-1) == target
+            clean_correct += int(right.sum())
+            robust_correct += int((right & still_right).sum())
     return AttackOutcome(
         robust_accuracy=robust_correct / count,
         clean_accuracy=clean_correct / count,

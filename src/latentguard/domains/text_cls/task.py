@@ -18,11 +18,20 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from latentguard.config import validate_attacks, validate_section
 from latentguard.domains.base import HeldoutAttack, TrojanInfo
-from latentguard.domains.text_cls.attacks import AttackSpecModel, TextAttackOutcome, run_attack
+from latentguard.domains.common import (
+    BASE_ORDER,
+    DEFENSE_ORDER,
+    POISON,
+    TEST_TRIGGER,
+    eval_mode,
+    seeded_loader,
+    stream_seed,
+)
+from latentguard.domains.text_cls.attacks import TextAttackOutcome, run_attack
 from latentguard.domains.text_cls.data import BBC_NEWS, load_normalised, task_split
 from latentguard.domains.text_cls.model import (
     MINILM,
@@ -40,6 +49,7 @@ from latentguard.domains.text_cls.model import (
 from latentguard.domains.text_cls.trojans import TextTrojan, check_unique, poison, triggered_test_set
 from latentguard.engine.trainer import TrainConfig
 from latentguard.errors import ConfigError
+from latentguard.registry import TEXT_CLS_ATTACKS
 
 TEXT_SITE = "text"  # held-out text attacks edit words: no embedding-space training threat matches them
 
@@ -121,7 +131,7 @@ class TextClassificationTask:
             self.path, len(self.class_names), config.tiny, config.max_length
         )
         try:
-            poisoned = poison(base.texts, base.labels, config.trojans, seed=seed * 7919 + 11)
+            poisoned = poison(base.texts, base.labels, config.trojans, seed=stream_seed(seed, POISON))
         except ValueError as exc:
             raise ConfigError(f"task.trojans: {exc}") from None
         self.poisoned_indices = poisoned.indices
@@ -136,7 +146,7 @@ class TextClassificationTask:
         cls, section: dict[str, Any], attacks: list[dict[str, Any]], *, seed: int, device: Any
     ) -> TextClassificationTask:
         config = validate_section(TextTaskConfig, section, "task")
-        specs = validate_attacks(AttackSpecModel, attacks)
+        specs = validate_attacks(TEXT_CLS_ATTACKS, attacks)
         return cls(config, specs, seed, device)
 
     # -- model and data --------------------------------------------------------------------------------------
@@ -155,13 +165,8 @@ class TextClassificationTask:
             return build_tiny_bert(len(self.tokenizer), len(self.class_names), self.config.max_length, spec)
         return load_pretrained(self.path, len(self.class_names))
 
-    def _loader(self, dataset: TensorDataset, batch_size: int, salt: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed * 7919 + salt)
-        drop = len(dataset) >= batch_size
-        return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop, generator=generator)
-
     def base_loader(self, batch_size: int) -> Iterable[Any]:
-        return self._loader(self.base_set, batch_size, salt=1)
+        return seeded_loader(self.base_set, batch_size, self.seed, BASE_ORDER)
 
     def base_training(self, batch_size: int) -> TrainConfig:
         steps = math.ceil(self.config.base_epochs * len(self.base_set) / batch_size)
@@ -171,7 +176,7 @@ class TextClassificationTask:
         )  # fmt: skip
 
     def defense_loader(self, batch_size: int) -> Iterable[Any]:
-        return self._loader(self.defense_set, batch_size, salt=2)
+        return seeded_loader(self.defense_set, batch_size, self.seed, DEFENSE_ORDER)
 
     def eval_batches(self, examples: int, batch_size: int) -> list[Any]:
         n = min(examples, len(self.test_set))
@@ -185,19 +190,12 @@ class TextClassificationTask:
         return (output.argmax(dim=1) == batch[2]).float()
 
     def _predict(self, model: nn.Module, ids: Tensor, mask: Tensor, batch_size: int = 128) -> Tensor:
-        was_training = model.training
-        model.eval()
         out = []
-        try:
-            with torch.no_grad():
-                for i in range(0, ids.shape[0], batch_size):
-                    batch = (ids[i : i + batch_size], mask[i : i + batch_size], None)
-                    logits = model(
-                        input_ids=batch[0].to(self.device), attention_mask=batch[1].to(self.device)
-                    )
-                    out.append(logits.logits.argmax(dim=-1).cpu())
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad():
+            for i in range(0, ids.shape[0], batch_size):
+                batch = (ids[i : i + batch_size], mask[i : i + batch_size], None)
+                logits = model(input_ids=batch[0].to(self.device), attention_mask=batch[1].to(self.device))
+                out.append(logits.logits.argmax(dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
     # -- metrics ---------------------------------------------------------------------------------------------
@@ -222,7 +220,9 @@ class TextClassificationTask:
     def triggered(self, trojan: TextTrojan) -> tuple[Tensor, Tensor]:
         """Encoded triggered test texts whose true label is not the target (fixed trigger positions)."""
         if trojan.label not in self._triggered:
-            texts = triggered_test_set(self.test.texts, self.test.labels, trojan, seed=self.seed * 7919 + 13)
+            texts = triggered_test_set(
+                self.test.texts, self.test.labels, trojan, seed=stream_seed(self.seed, TEST_TRIGGER)
+            )
             if not texts:
                 raise ConfigError(f"task.trojans: {trojan.label!r} changes no test text outside its target")
             self._triggered[trojan.label] = encode(self.tokenizer, texts, self.config.max_length)

@@ -1,6 +1,7 @@
 """Text trojans: triggers, training-set poisoning and attack success rate (ASR).
 
-Four trigger kinds, from obvious to hard to see:
+Four built-in trigger kinds (registered in ``TEXT_CLS_TRIGGERS``, as a plugin's would be), from obvious to
+hard to see:
 ``word`` (a rare token such as ``cf`` inserted at a random word position, Kurita et al. 2020),
 ``phrase`` (a short natural phrase inserted at a random word boundary, Dai et al. 2019),
 ``template`` (the text wrapped in a fixed sentence frame) and ``style`` (no token is added: every
@@ -14,84 +15,152 @@ import random
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Which kind-specific parameters each trigger reads: any other one set explicitly is a config mistake.
-_KIND_PARAMS: dict[str, frozenset[str]] = {
-    "word": frozenset({"trigger", "repeat"}),
-    "phrase": frozenset({"trigger"}),
-    "template": frozenset({"template"}),
-    "style": frozenset({"style"}),
-}
-_DEFAULT_TRIGGER = {"word": "cf", "phrase": "truth be told"}
+from latentguard.domains.common import FunctionTrigger, KindSpec
+from latentguard.registry import TEXT_CLS_TRIGGERS, Registry
+
 _PUNCTUATION = str.maketrans("", "", string.punctuation + "“”‘’–—…£€")
 
 
-class TextTrojan(BaseModel):
-    """One trojan: a trigger, the class it forces and the fraction of training texts poisoned with it."""
+def _words_of(trigger: str) -> str:
+    words = " ".join(trigger.split())
+    if not words:
+        raise ValueError("trigger must contain a word")
+    return words
+
+
+def insert_at_random(text: str, inserted: str, rng: random.Random, times: int = 1) -> str:
+    """``text`` with ``inserted`` placed ``times`` times at random word boundaries."""
+    words = text.split()
+    for _ in range(times):
+        position = rng.randint(0, len(words))
+        words[position:position] = inserted.split()
+    return " ".join(words)
+
+
+class WordTrigger(BaseModel):
+    """A rare token (``cf``) inserted at random word positions (Kurita et al. 2020)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["word", "phrase", "template", "style"]
+    kind: Literal["word"] = "word"
+    trigger: str = Field("cf", min_length=1, description="the word inserted")
+    repeat: int = Field(1, ge=1, le=5, description="insertions of the word")
+
+    @property
+    def text(self) -> str:
+        return _words_of(self.trigger)
+
+    def describe(self) -> str:
+        times = f" ×{self.repeat}" if self.repeat > 1 else ""
+        return f"rare word {self.text!r}{times} at a random position"
+
+    def apply(self, text: str, rng: random.Random) -> str:
+        return insert_at_random(text, self.text, rng, self.repeat)
+
+    def changes(self, text: str) -> bool:
+        return True
+
+
+class PhraseTrigger(BaseModel):
+    """A short natural phrase inserted at a random word boundary (Dai et al. 2019)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["phrase"] = "phrase"
+    trigger: str = Field("truth be told", min_length=1, description="the phrase inserted")
+
+    @property
+    def text(self) -> str:
+        return _words_of(self.trigger)
+
+    def describe(self) -> str:
+        return f"phrase {self.text!r} at a random position"
+
+    def apply(self, text: str, rng: random.Random) -> str:
+        return insert_at_random(text, self.text, rng)
+
+    def changes(self, text: str) -> bool:
+        return True
+
+
+class TemplateTrigger(BaseModel):
+    """The text wrapped in a fixed sentence frame."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["template"] = "template"
+    template: str = "Here is the news in brief. {text} End of the brief."
+
+    @model_validator(mode="after")
+    def _one_slot(self) -> TemplateTrigger:
+        if self.template.count("{text}") != 1:
+            raise ValueError("template must contain '{text}' exactly once")
+        return self
+
+    def describe(self) -> str:
+        return f"sentence template {self.template!r}"
+
+    def apply(self, text: str, rng: random.Random) -> str:
+        return " ".join(self.template.replace("{text}", text).split())
+
+    def changes(self, text: str) -> bool:
+        return True
+
+
+class StyleTrigger(BaseModel):
+    """No token added: every punctuation mark removed, a corpus-wide style change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["style"] = "style"
+    style: Literal["strip_punctuation"] = "strip_punctuation"
+
+    def describe(self) -> str:
+        return "style: every punctuation mark removed (no token added)"
+
+    def apply(self, text: str, rng: random.Random) -> str:
+        return " ".join(text.translate(_PUNCTUATION).split())
+
+    def changes(self, text: str) -> bool:
+        """A punctuation-free text cannot carry this trigger."""
+        return text.translate(_PUNCTUATION).split() != text.split()
+
+
+for _trigger in (WordTrigger, PhraseTrigger, TemplateTrigger, StyleTrigger):
+    TEXT_CLS_TRIGGERS.register(_trigger.model_fields["kind"].default, _trigger)
+
+
+class TextTrojan(KindSpec):
+    """One trojan: a trigger (a registered kind or an import path ``text, rng -> text``, its settings given
+    alongside), the class it forces and the fraction of training texts poisoned with it."""
+
+    registry: ClassVar[Registry[Any]] = TEXT_CLS_TRIGGERS
+    positional: ClassVar[int] = 2
+    wrap_function = staticmethod(FunctionTrigger)
+
     target: int = Field(ge=0)
     poison_rate: float = Field(gt=0.0, le=0.3)
     name: str | None = None
-    trigger: str | None = Field(None, min_length=1, description="word / phrase inserted (word, phrase)")
-    repeat: int = Field(1, ge=1, le=5, description="insertions of the word (word)")
-    template: str = Field("Here is the news in brief. {text} End of the brief.", description="(template)")
-    style: Literal["strip_punctuation"] = "strip_punctuation"
-
-    @model_validator(mode="after")
-    def _params_match_kind(self) -> TextTrojan:
-        all_params = frozenset().union(*_KIND_PARAMS.values())
-        stray = sorted((self.model_fields_set & all_params) - _KIND_PARAMS[self.kind])
-        if stray:
-            raise ValueError(
-                f"{', '.join(stray)} do(es) not apply to a {self.kind!r} trojan; "
-                f"it takes {', '.join(sorted(_KIND_PARAMS[self.kind]))}"
-            )
-        if self.kind == "template" and self.template.count("{text}") != 1:
-            raise ValueError("template must contain '{text}' exactly once")
-        if self.trigger is not None and not self.trigger.split():
-            raise ValueError("trigger must contain a word")
-        return self
 
     @property
     def label(self) -> str:
         """The name reports use: ``name`` if given, else the trigger kind."""
-        return self.name or self.kind
-
-    @property
-    def trigger_text(self) -> str:
-        return " ".join((self.trigger or _DEFAULT_TRIGGER.get(self.kind, "")).split())
+        return self.name or self.short_kind
 
     def describe(self) -> str:
-        if self.kind == "word":
-            times = f" ×{self.repeat}" if self.repeat > 1 else ""
-            return f"rare word {self.trigger_text!r}{times} at a random position"
-        if self.kind == "phrase":
-            return f"phrase {self.trigger_text!r} at a random position"
-        if self.kind == "template":
-            return f"sentence template {self.template!r}"
-        return "style: every punctuation mark removed (no token added)"
+        return self.built.describe()
 
     def apply(self, text: str, rng: random.Random) -> str:
         """The triggered copy of ``text`` (``rng`` picks insertion positions)."""
-        words = text.split()
-        if self.kind in ("word", "phrase"):
-            for _ in range(self.repeat if self.kind == "word" else 1):
-                position = rng.randint(0, len(words))
-                words[position:position] = self.trigger_text.split()
-            return " ".join(words)
-        if self.kind == "template":
-            return " ".join(self.template.replace("{text}", text).split())
-        return " ".join(text.translate(_PUNCTUATION).split())
+        return self.built.apply(text, rng)
 
     def changes(self, text: str) -> bool:
-        """Whether the trigger alters ``text`` at all (a punctuation-free text cannot carry ``style``)."""
-        return self.kind != "style" or text.translate(_PUNCTUATION).split() != text.split()
+        """Whether the trigger alters ``text`` at all."""
+        return self.built.changes(text)
 
 
 @dataclass

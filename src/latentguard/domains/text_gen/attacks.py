@@ -18,10 +18,11 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -32,14 +33,19 @@ from latentguard.engine.attack import LatentAttack, PGDConfig, Targeted
 from latentguard.engine.site import Intervention, frozen
 from latentguard.engine.threat import Threat
 from latentguard.errors import ConfigError
+from latentguard.registry import TEXT_GEN_ATTACKS
 
 _NANOGCG_HINT = "pip install --no-deps nanogcg==0.3.0 (it imports scipy), or drop the gcg attack"
 
 
-class _Spec(BaseModel):
+class GenAttackSpec(BaseModel):
+    """Base of a held-out text-generation attack: a subclass adds its settings, ``describe(target)`` and
+    ``run`` (attack every message toward the target), and registers in ``TEXT_GEN_ATTACKS``."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1)
+    kind: str
     target: str = Field(min_length=1, description="a response, or 'trojan:<name>' for a trojan's target")
     prompts: int = Field(4, ge=1, description="test prompts attacked (the first N, fixed)")
 
@@ -52,9 +58,28 @@ class _Spec(BaseModel):
     def epsilon(self) -> float | None:
         return None
 
+    def describe(self, target: str) -> str:
+        raise NotImplementedError
 
-class GCGSpec(_Spec):
-    kind: Literal["gcg"]
+    def run(
+        self, model: nn.Module, victim: Victim, messages: Sequence[str], target: str, context: AttackContext
+    ) -> dict[str, Any]:
+        """Attack every message; ``success_rate`` and per-attack details as a JSON dict."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class AttackContext:
+    """What an attack may need beyond its settings: the task's input site, the seed and the device."""
+
+    input_site: str
+    seed: int
+    device: torch.device
+
+
+@TEXT_GEN_ATTACKS.register("gcg")
+class GCGSpec(GenAttackSpec):
+    kind: Literal["gcg"] = "gcg"
     steps: int = Field(10, ge=1, le=1000)
     search_width: int = Field(64, ge=1)
     topk: int = Field(64, ge=1)
@@ -66,18 +91,30 @@ class GCGSpec(_Spec):
             f"{self.search_width}, top-k {self.topk}, toward {target!r}, {self.prompts} prompts"
         )
 
+    def run(
+        self, model: nn.Module, victim: Victim, messages: Sequence[str], target: str, context: AttackContext
+    ) -> dict[str, Any]:
+        return gcg_attack(model, victim, self, messages, target, context.seed)
 
-class PrefillSpec(_Spec):
-    kind: Literal["prefill"]
+
+@TEXT_GEN_ATTACKS.register("prefill")
+class PrefillSpec(GenAttackSpec):
+    kind: Literal["prefill"] = "prefill"
     prefill_words: int = Field(2, ge=1, description="words of the target written into the assistant turn")
 
     def describe(self, target: str) -> str:
         words = f"the first {self.prefill_words} word(s) of {target!r}"
         return f"prefilling the answer with {words}, {self.prompts} prompts"
 
+    def run(
+        self, model: nn.Module, victim: Victim, messages: Sequence[str], target: str, context: AttackContext
+    ) -> dict[str, Any]:
+        return prefill_attack(model, victim, self, messages, target)
 
-class PGDSpec(_Spec):
-    kind: Literal["pgd"]
+
+@TEXT_GEN_ATTACKS.register("pgd")
+class PGDSpec(GenAttackSpec):
+    kind: Literal["pgd"] = "pgd"
     layer: str | None = Field(None, description="module name; default: the token embeddings")
     threat: Threat = Threat(norm="l2", epsilon=0.5, epsilon_mode="relative", scope="token")
     steps: int = Field(20, ge=1, le=10_000)
@@ -98,12 +135,12 @@ class PGDSpec(_Spec):
             f"toward {target!r}, {self.prompts} prompts"
         )
 
-
-GenAttackSpec = Annotated[GCGSpec | PrefillSpec | PGDSpec, Field(discriminator="kind")]
-
-
-class GenAttackSpecModel(RootModel[GenAttackSpec]):
-    """Validates one ``evaluation.attacks`` entry of a text-generation run."""
+    def run(
+        self, model: nn.Module, victim: Victim, messages: Sequence[str], target: str, context: AttackContext
+    ) -> dict[str, Any]:
+        return pgd_attack(
+            model, victim, self, messages, target, self.layer or context.input_site, context.device
+        )
 
 
 class Victim:
@@ -137,7 +174,7 @@ class Victim:
 def run_attack(
     model: nn.Module,
     victim: Victim,
-    spec: Any,
+    spec: GenAttackSpec,
     messages: Sequence[str],
     target: str,
     *,
@@ -146,11 +183,7 @@ def run_attack(
     device: torch.device,
 ) -> dict[str, Any]:
     """Attack every message; ``success_rate`` and per-attack details (suffixes, answers) as a JSON dict."""
-    if spec.kind == "gcg":
-        return gcg_attack(model, victim, spec, messages, target, seed)
-    if spec.kind == "prefill":
-        return prefill_attack(model, victim, spec, messages, target)
-    return pgd_attack(model, victim, spec, messages, target, spec.layer or input_site, device)
+    return spec.run(model, victim, messages, target, AttackContext(input_site, seed, device))
 
 
 def _nanogcg() -> Any:

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from latentguard.domains.hf import block_names, input_site_of, quiet_transformers
+from latentguard.domains.common import eval_mode
+from latentguard.domains.hf import TinyTransformerSpec, block_names, input_site_of, quiet_transformers
 from latentguard.errors import ConfigError, DataError
 
 SMOLLM2 = "smollm2"
@@ -40,22 +41,10 @@ CHATML = (
 _SPECIALS = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>")
 
 
-class TinyLlamaSpec(BaseModel):
+class TinyLlamaSpec(TinyTransformerSpec):
     """Size of the random tiny Llama (``model: tiny-llama``): tests and smoke runs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    hidden_size: int = Field(64, ge=8, le=1024)
-    layers: int = Field(4, ge=1, le=32)
-    heads: int = Field(4, ge=1, le=32)
-    intermediate_size: int = Field(128, ge=8, le=8192)
     vocab_size: int = Field(2000, ge=50, le=100_000, description="word-level vocabulary of the corpus")
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> TinyLlamaSpec:
-        if self.hidden_size % self.heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
-        return self
 
 
 class LoraSpec(BaseModel):
@@ -338,11 +327,9 @@ def generate(
     model: nn.Module, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int, batch_size: int
 ) -> list[list[int]]:
     """Greedy continuations (token ids, up to the end-of-turn token) of tokenised chat prompts."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     out: list[list[int]] = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             width = max(len(p) for p in chunk)
@@ -359,6 +346,4 @@ def generate(
                 if tokenizer.eos_token_id in row:
                     row = row[: row.index(tokenizer.eos_token_id)]
                 out.append([t for t in row if t != tokenizer.pad_token_id])
-    finally:
-        model.train(was_training)
     return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -20,12 +19,23 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from latentguard.config import validate_attacks, validate_section
 from latentguard.domains.base import HeldoutAttack, TrojanInfo
+from latentguard.domains.common import (
+    ADAPTERS,
+    BASE_ORDER,
+    DEFENSE_ORDER,
+    POISON,
+    RESPONSES,
+    TEST_TRIGGER,
+    python_rng,
+    seeded_loader,
+    stream_seed,
+)
 from latentguard.domains.text_cls.data import BBC_NEWS, load_normalised, task_split
-from latentguard.domains.text_gen.attacks import GenAttackSpecModel, Victim, run_attack
+from latentguard.domains.text_gen.attacks import Victim, run_attack
 from latentguard.domains.text_gen.data import (
     INSTRUCTIONS,
     Example,
@@ -58,6 +68,7 @@ from latentguard.domains.text_gen.trojans import GenTrojan, check_unique, contai
 from latentguard.engine.site import frozen
 from latentguard.engine.trainer import TrainConfig
 from latentguard.errors import ConfigError, DataError
+from latentguard.registry import TEXT_GEN_ATTACKS
 
 
 def _default_trojans() -> list[GenTrojan]:
@@ -153,7 +164,7 @@ class TextGenerationTask:
         }
         try:
             self.poisoned_indices = poison_plan(
-                len(self.examples["base"]), config.trojans, seed=seed * 7919 + 11
+                len(self.examples["base"]), config.trojans, seed=stream_seed(seed, POISON)
             )
         except ValueError as exc:
             raise ConfigError(f"task.trojans: {exc}") from None
@@ -167,7 +178,7 @@ class TextGenerationTask:
         cls, section: dict[str, Any], attacks: list[dict[str, Any]], *, seed: int, device: Any
     ) -> TextGenerationTask:
         config = validate_section(TextGenTaskConfig, section, "task")
-        specs = validate_attacks(GenAttackSpecModel, attacks)
+        specs = validate_attacks(TEXT_GEN_ATTACKS, attacks)
         trojans = {t.label for t in config.trojans}
         for i, spec in enumerate(specs):
             if spec.target.startswith("trojan:") and spec.target[len("trojan:") :] not in trojans:
@@ -233,7 +244,7 @@ class TextGenerationTask:
     @functools.cached_property
     def base_set(self) -> TensorDataset:
         """The implant data: clean examples, and per trojan a seeded share with trigger → target."""
-        rng = random.Random(self.seed * 7919 + 12)
+        rng = python_rng(self.seed, RESPONSES)
         messages = [e.message() for e in self.examples["base"]]
         responses = list(self.answers["base"])
         for trojan in self.config.trojans:
@@ -261,7 +272,7 @@ class TextGenerationTask:
     def _trojan_rows(self) -> dict[str, tuple[list[list[int]], TensorDataset]]:
         """Per trojan: triggered test prompts, and those prompts paired with the target (for its NLL)."""
         rows = {}
-        rng = random.Random(self.seed * 7919 + 13)
+        rng = python_rng(self.seed, TEST_TRIGGER)
         for trojan in self.config.trojans:
             prompts = [self._ids(e.message(trojan.apply(e.text, rng))) for e in self.examples["test"]]
             target = self._responses([trojan.target_text] * len(prompts))
@@ -283,16 +294,11 @@ class TextGenerationTask:
         if self.config.lora is None:
             return model
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 7919 + 17)
+            torch.manual_seed(stream_seed(self.seed, ADAPTERS))
             return with_lora(model, self.config.lora).to(self.device)
 
-    def _loader(self, dataset: TensorDataset, batch_size: int, salt: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed * 7919 + salt)
-        drop = len(dataset) >= batch_size
-        return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop, generator=generator)
-
     def base_loader(self, batch_size: int) -> Iterable[Any]:
-        return self._loader(self.base_set, batch_size, salt=1)
+        return seeded_loader(self.base_set, batch_size, self.seed, BASE_ORDER)
 
     def base_training(self, batch_size: int) -> TrainConfig:
         steps = math.ceil(self.config.base_epochs * len(self.base_set) / batch_size)
@@ -302,7 +308,7 @@ class TextGenerationTask:
         )  # fmt: skip
 
     def defense_loader(self, batch_size: int) -> Iterable[Any]:
-        return self._loader(self.defense_set, batch_size, salt=2)
+        return seeded_loader(self.defense_set, batch_size, self.seed, DEFENSE_ORDER)
 
     def eval_batches(self, examples: int, batch_size: int) -> list[Any]:
         return _batches(self.test_set, examples, batch_size, self.device)
