@@ -201,7 +201,7 @@ def test_trojan_spec_validation() -> None:
     with pytest.raises(ValidationError, match="alpha"):
         ImageTrojan(kind="patch", target=0, poison_rate=0.1, alpha=0.3)
     with pytest.raises(ValidationError):
-        ImageTrojan(kind="patch", target=10, poison_rate=0.1)
+        ImageTrojan(kind="patch", target=-1, poison_rate=0.1)  # above the class count: checked on the data
     with pytest.raises(ValidationError):
         ImageTrojan(kind="patch", target=0, poison_rate=0.3)
     with pytest.raises(ValidationError):

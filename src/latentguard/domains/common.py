@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -92,6 +92,17 @@ class KindSpec(BaseModel):
     @property
     def built(self) -> Any:
         return self._built
+
+    def __getattr__(self, item: str) -> Any:
+        """The kind's own settings, as validated, read through the item (``trojan.patch_size``)."""
+        built = self.__pydantic_private__.get("_built") if self.__pydantic_private__ else None
+        if not item.startswith("_") and built is not None and hasattr(built, item):
+            return getattr(built, item)
+        return super().__getattr__(item)  # type: ignore[misc]
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
+        """A copy with ``update`` applied and validated again, so the built object follows the settings."""
+        return type(self).model_validate({**self.model_dump(), **(update or {})})
 
     @property
     def short_kind(self) -> str:
