@@ -238,7 +238,7 @@ class JPEGAttack(UnforeseenAttack):
     """
 
     kind: Literal["jpeg"] = "jpeg"
-    epsilon: float = Field(0.25, ge=0.0, description="L∞ bound on quantised DCT coefficients (steps)")
+    epsilon: float = Field(0.2, ge=0.0, description="L∞ bound on quantised DCT coefficients (steps)")
     steps: int = Field(20, ge=0)
     step_size: float | None = Field(None, gt=0.0, description="None: 2.5 × epsilon / steps")
     quality: int = Field(50, ge=1, le=100, description="JPEG quality whose tables scale the coefficients")
@@ -319,7 +319,7 @@ class FogAttack(UnforeseenAttack):
     """
 
     kind: Literal["fog"] = "fog"
-    epsilon: float = Field(0.3, ge=0.0, description="fog strength: weight of the fog map in the mix")
+    epsilon: float = Field(0.2, ge=0.0, description="fog strength: weight of the fog map in the mix")
     steps: int = Field(20, ge=0)
     step_size: float | None = Field(None, gt=0.0, description="None: 2.5 / steps (parameters in [-1, 1])")
     wibble_decay: float = Field(2.0, gt=1.0, description="how fast the fractal's detail fades per level")
