@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import kornia
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,6 +220,18 @@ def test_jpeg_moves_each_quantised_coefficient_by_at_most_epsilon(
     moved = moved[:, :, :3, :3]  # the 3×3 whole blocks of 28×28 (the edge blocks were padded, then cropped)
     assert float(moved.abs().max()) <= 0.1 + 1e-3
     assert float(moved.abs().max()) >= 0.05  # and the attack uses its budget
+
+
+def test_colour_jpeg_moves_each_ycbcr_coefficient_by_at_most_epsilon() -> None:
+    images = 0.45 + 0.1 * torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    model = small_cnn(channels=3, side=32).eval()
+    out = JPEGAttack(epsilon=0.1, steps=3).perturb(model, images, torch.arange(4))
+    assert float(out.min()) > 0.0 and float(out.max()) < 1.0
+    change = kornia.color.rgb_to_ycbcr(out) - kornia.color.rgb_to_ycbcr(images)
+    like = torch.zeros(1, dtype=torch.float64)
+    table = torch.stack([jpeg_table(50, False, like), jpeg_table(50, True, like), jpeg_table(50, True, like)])
+    moved = pixels_to_blocks(change.double() * 255.0) / table[None, :, None, None]
+    assert float(moved.abs().max()) <= 0.1 + 1e-3 and float(moved.abs().max()) >= 0.05
 
 
 def test_gabor_noise_stays_in_its_linf_ball_and_snow_only_brightens(

@@ -247,20 +247,21 @@ class JPEGAttack(UnforeseenAttack):
 
     threat_class: ClassVar[str] = "jpeg"
 
-    def delta(self, coefficients: Tensor, height: int, width: int) -> Tensor:
-        """The pixel change that moving the quantised coefficients by ``coefficients`` makes."""
-        channels = coefficients.shape[1]
-        if channels != 3:
-            table = jpeg_table(self.quality, chroma=False, like=coefficients)
-            return blocks_to_pixels(coefficients * table, height, width) / 255.0
-        luma = jpeg_table(self.quality, chroma=False, like=coefficients)
-        chroma = jpeg_table(self.quality, chroma=True, like=coefficients)
+    def decode(self, images: Tensor, coefficients: Tensor) -> Tensor:
+        """``images`` with their quantised DCT coefficients moved by ``coefficients``, clamped to [0, 1].
+
+        Colour images move in YCbCr (luma table for Y, chroma table for Cb and Cr) and go back to RGB;
+        other channel counts move each channel with the luma table.
+        """
+        height, width = images.shape[-2:]
+        luma = jpeg_table(self.quality, chroma=False, like=images)
+        if images.shape[1] != 3:
+            return (images + blocks_to_pixels(coefficients * luma, height, width) / 255.0).clamp(0.0, 1.0)
+        chroma = jpeg_table(self.quality, chroma=True, like=images)
         table = torch.stack([luma, chroma, chroma])[None, :, None, None]
-        ycbcr = blocks_to_pixels(coefficients * table, height, width) / 255.0
-        # YCbCr -> RGB is affine: the RGB change is the conversion of the change minus that of zero change
-        centre = torch.zeros_like(ycbcr)
-        centre[:, 1:] = 0.5
-        return kornia.color.ycbcr_to_rgb(centre + ycbcr) - kornia.color.ycbcr_to_rgb(centre)
+        change = blocks_to_pixels(coefficients * table, height, width) / 255.0
+        # kornia's conversions invert each other exactly; ycbcr_to_rgb clamps to [0, 1]
+        return kornia.color.ycbcr_to_rgb(kornia.color.rgb_to_ycbcr(images) + change)
 
     def _search(self, images: Tensor, generator: torch.Generator) -> Search:
         count, channels, height, width = images.shape
@@ -268,7 +269,7 @@ class JPEGAttack(UnforeseenAttack):
         start = uniform(shape, -self.epsilon, self.epsilon, generator, images)
 
         def render(variables: list[Tensor]) -> Tensor:
-            return (images + self.delta(variables[0], height, width)).clamp(0.0, 1.0)
+            return self.decode(images, variables[0])
 
         return Search([start], [(-self.epsilon, self.epsilon)], render)
 
