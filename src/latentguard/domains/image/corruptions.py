@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import kornia
 import numpy as np
@@ -183,7 +183,8 @@ class CorruptionSuite(BaseModel):
 
     @field_validator("corruptions", "severities")
     @classmethod
-    def _each_once(cls, values: list) -> list:  # type: ignore[type-arg]
+    def _each_once(cls, values: list[Any]) -> list[Any]:
+        """A corruption or severity listed twice would count twice in the mean."""
         if len(set(values)) != len(values):
             raise ValueError(f"each value at most once, got {values}")
         return values

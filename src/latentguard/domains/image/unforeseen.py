@@ -11,8 +11,9 @@ images' device and dtype, for any channel count. kornia supplies the image opera
 
 Every attack is one search: a few tensors of parameters inside a box (the budget), rendered into images,
 optimised by signed-gradient ascent on the cross-entropy from a random start in the box, keeping per image
-the iterate that fools the model (else the one of highest loss). ``steps = 0`` returns the random start: the
-same budget with random instead of adversarial parameters. A budget of 0 returns the images unchanged.
+the iterate of highest loss among those that fool the model (of highest loss overall if none does).
+``steps = 0`` returns the random start: the same budget with random instead of adversarial parameters. A
+budget of 0 returns the images unchanged.
 """
 
 from __future__ import annotations
