@@ -2,6 +2,14 @@
 beyond. Importing the package registers the built-in kinds (model ``cnn``, data ``fashion-mnist``, triggers,
 attacks) exactly as a plugin registers its own."""
 
-from latentguard.domains.image import attacks, datasets, model, trojans
+from latentguard.domains.image import (
+    attacks,
+    corruptions,
+    datasets,
+    model,
+    natural_triggers,
+    trojans,
+    unforeseen,
+)
 
-__all__ = ["attacks", "datasets", "model", "trojans"]
+__all__ = ["attacks", "corruptions", "datasets", "model", "natural_triggers", "trojans", "unforeseen"]

@@ -182,6 +182,7 @@ class AttackOutcome:
     clean_accuracy: float
     examples: int
     seconds: float
+    breakdown: dict[str, float] | None = None  # a non-adversarial suite's score per part (e.g. corruption)
 
 
 def _import_torchattacks() -> Any:
@@ -246,6 +247,23 @@ def _check_budget(adversarial: Tensor, clean: Tensor, spec: ImageAttackSpec) -> 
         raise RuntimeError(f"attack {spec.name!r} returned pixels outside [0, 1]")
 
 
+def _run_suite(
+    model: nn.Module, images: Tensor, labels: Tensor, spec: ImageAttackSpec, seed: int, start: float
+) -> AttackOutcome:
+    """A non-adversarial suite: its mean accuracy is the robust score, its parts the breakdown."""
+    with frozen(model):
+        with torch.no_grad():
+            clean = float((model(images).argmax(dim=-1) == labels).float().mean())
+        score, breakdown = spec.for_seed(seed).evaluate(model, images, labels)
+    return AttackOutcome(
+        robust_accuracy=float(score),
+        clean_accuracy=clean,
+        examples=int(labels.shape[0]),
+        seconds=time.perf_counter() - start,
+        breakdown={name: float(value) for name, value in breakdown.items()},
+    )
+
+
 def run_attack(
     model: nn.Module,
     images: Tensor,
@@ -270,6 +288,8 @@ def run_attack(
     clean_correct = robust_correct = 0
     start = time.perf_counter()
     forked = [device] if device.type == "cuda" else []
+    if hasattr(spec.attack, "evaluate"):  # not adversarial: a score and its breakdown (common corruptions)
+        return _run_suite(model, subset_images.to(device), subset_labels.to(device), spec, seed, start)
     with frozen(model), torch.random.fork_rng(devices=forked):  # only input gradients: no weight gradients
         torch.manual_seed(seed)
         attack = spec.for_seed(seed)

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from latentguard.domains.image.unforeseen import check_images, kornia_version, uniform
+from latentguard.registry import IMAGE_ATTACKS
 
 CorruptionName = Literal[
     "gaussian_noise",
@@ -175,7 +176,6 @@ class CorruptionSuite(BaseModel):
     kind: Literal["corruption"] = "corruption"
     corruptions: list[CorruptionName] = Field(default_factory=lambda: list(CORRUPTIONS), min_length=1)
     severities: list[Severity] = Field(default_factory=lambda: [1, 2, 3, 4, 5], min_length=1)
-    examples: int = Field(500, gt=0, description="corrupt the first N test images: a fixed subset")
     seed: int = Field(0, ge=0, description="seeds the random corruptions (noise, elastic)")
     batch_size: int = Field(250, gt=0)
 
@@ -194,9 +194,9 @@ class CorruptionSuite(BaseModel):
         return torch.Generator().manual_seed(self.seed * 1_000 + 10 * CORRUPTIONS.index(name) + severity)
 
     def accuracy_table(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, dict[int, float]]:
-        """Accuracy on the first ``examples`` images per corruption and severity."""
+        """Accuracy on ``images`` (the evaluation's fixed subset) per corruption and severity."""
         check_images(images)
-        count = min(self.examples, labels.shape[0])
+        count = labels.shape[0]
         if count == 0:
             raise ValueError("no test images to corrupt")
         images, labels = images[:count], labels[:count]
@@ -228,7 +228,10 @@ class CorruptionSuite(BaseModel):
     def describe(self) -> str:
         return (
             f"common corruptions (Hendrycks & Dietterich 2019; ImageNet-C / CIFAR-10-C severities): "
-            f"{', '.join(self.corruptions)} at severities {','.join(map(str, self.severities))}, on "
-            f"{self.examples} test images; blur, colour and warp from kornia {kornia_version()}, "
+            f"{', '.join(self.corruptions)} at severities {','.join(map(str, self.severities))}; "
+            f"blur, colour and warp from kornia {kornia_version()}, "
             f"JPEG from Pillow {Image.__version__}"
         )
+
+
+IMAGE_ATTACKS.register("corruption", CorruptionSuite)

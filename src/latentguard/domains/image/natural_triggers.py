@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from latentguard.domains.image.unforeseen import check_images
+from latentguard.registry import IMAGE_TRIGGERS
 
 
 class TriggerDistance(TypedDict):
@@ -178,3 +179,7 @@ class LowFreqTrigger(BaseModel):
 
 
 NaturalTrigger = WarpTrigger | StickerTrigger | LowFreqTrigger
+
+
+for _trigger in (WarpTrigger, StickerTrigger, LowFreqTrigger):
+    IMAGE_TRIGGERS.register(_trigger.model_fields["kind"].default, _trigger)

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from latentguard.registry import IMAGE_ATTACKS
+
 KAUFMANN = "Kaufmann et al. 2019, Testing Robustness Against Unforeseen Adversaries"
 XIAO = "Xiao et al. 2018, Spatially Transformed Adversarial Examples"
 
@@ -104,8 +106,9 @@ class Search:
 class UnforeseenAttack(BaseModel):
     """Shared search loop of the non-Lp attacks; a subclass says what its parameters are and how they render.
 
-    A subclass declares its fields (``kind`` first, its budget, ``steps``, ``step_size``, ``examples``,
-    ``seed``) and writes ``_search``, ``budget`` and ``describe``.
+    A subclass declares its fields (``kind`` first, its budget, ``steps``, ``step_size``, ``seed``) and
+    writes ``_search``, ``budget`` and ``describe``. Which test images it attacks is the evaluation's
+    choice (``examples`` of the attack's config entry).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -118,7 +121,6 @@ class UnforeseenAttack(BaseModel):
     if TYPE_CHECKING:  # declared by each subclass, after its ``kind`` (pydantic orders base fields first)
         steps: int
         step_size: float | None
-        examples: int
         seed: int
 
     @property
@@ -243,7 +245,6 @@ class JPEGAttack(UnforeseenAttack):
     steps: int = Field(20, ge=0)
     step_size: float | None = Field(None, gt=0.0, description="None: 2.5 × epsilon / steps")
     quality: int = Field(50, ge=1, le=100, description="JPEG quality whose tables scale the coefficients")
-    examples: int = Field(500, gt=0, description="attack the first N test images: a fixed subset")
     seed: int = Field(0, ge=0)
 
     threat_class: ClassVar[str] = "jpeg"
@@ -278,7 +279,7 @@ class JPEGAttack(UnforeseenAttack):
         return (
             f"JPEG attack ({KAUFMANN}): L∞ on quantised 8×8 DCT coefficients "
             f"(quality {self.quality} tables), "
-            f"{self._budget_text()}, on {self.examples} test images; block DCT in torch, "
+            f"{self._budget_text()}; block DCT in torch, "
             f"YCbCr from kornia {kornia_version()}"
         )
 
@@ -325,7 +326,6 @@ class FogAttack(UnforeseenAttack):
     steps: int = Field(20, ge=0)
     step_size: float | None = Field(None, gt=0.0, description="None: 2.5 / steps (parameters in [-1, 1])")
     wibble_decay: float = Field(2.0, gt=1.0, description="how fast the fractal's detail fades per level")
-    examples: int = Field(500, gt=0, description="attack the first N test images: a fixed subset")
     seed: int = Field(0, ge=0)
 
     threat_class: ClassVar[str] = "fog"
@@ -348,7 +348,7 @@ class FogAttack(UnforeseenAttack):
     def describe(self) -> str:
         return (
             f"Fog attack ({KAUFMANN}): adversarial diamond-square fog, {self._budget_text()}, "
-            f"wibble decay {self.wibble_decay:g}, on {self.examples} test images; fractal in torch"
+            f"wibble decay {self.wibble_decay:g}; fractal in torch"
         )
 
 
@@ -370,7 +370,6 @@ class SnowAttack(UnforeseenAttack):
     step_size: float | None = Field(None, gt=0.0, description="None: 2.5 × epsilon / steps")
     flake_spacing: int = Field(4, ge=1, description="pixels between flake sites along each axis")
     flake_length: int = Field(5, ge=3, description="streak length in pixels (odd)")
-    examples: int = Field(500, gt=0, description="attack the first N test images: a fixed subset")
     seed: int = Field(0, ge=0)
 
     threat_class: ClassVar[str] = "snow"
@@ -396,7 +395,7 @@ class SnowAttack(UnforeseenAttack):
     def describe(self) -> str:
         return (
             f"Snow attack ({KAUFMANN}): adversarial flake intensities, {self._budget_text()}, flakes every "
-            f"{self.flake_spacing} px as {self.flake_length}-px streaks, on {self.examples} test images; "
+            f"{self.flake_spacing} px as {self.flake_length}-px streaks; "
             f"kornia {kornia_version()} motion kernels and filter2d"
         )
 
@@ -433,7 +432,6 @@ class GaborAttack(UnforeseenAttack):
     sigma: float = Field(2.5, gt=0.0, description="Gaussian envelope of the kernel, pixels")
     wavelength: float = Field(5.0, gt=0.0, description="period of the kernel's cosine, pixels")
     spacing: int = Field(3, ge=1, description="pixels between coefficient sites along each axis")
-    examples: int = Field(500, gt=0, description="attack the first N test images: a fixed subset")
     seed: int = Field(0, ge=0)
 
     threat_class: ClassVar[str] = "gabor"
@@ -459,7 +457,7 @@ class GaborAttack(UnforeseenAttack):
         return (
             f"Gabor attack ({KAUFMANN}): adversarial sparse Gabor noise, {self._budget_text()}, "
             f"kernel {self.kernel_size} px (sigma {self.sigma:g}, wavelength {self.wavelength:g}), "
-            f"on {self.examples} test images; kernels in torch, kornia {kornia_version()} filter2d"
+            f"kernels in torch, kornia {kornia_version()} filter2d"
         )
 
 
@@ -480,7 +478,6 @@ class ElasticAttack(UnforeseenAttack):
     steps: int = Field(20, ge=0)
     step_size: float | None = Field(None, gt=0.0, description="None: 2.5 / steps (parameters in [-1, 1])")
     sigma: float = Field(1.5, gt=0.0, description="Gaussian smoothing of the flow field, pixels")
-    examples: int = Field(500, gt=0, description="attack the first N test images: a fixed subset")
     seed: int = Field(0, ge=0)
 
     threat_class: ClassVar[str] = "elastic"
@@ -504,7 +501,7 @@ class ElasticAttack(UnforeseenAttack):
     def describe(self) -> str:
         return (
             f"Elastic attack ({KAUFMANN}): adversarial Gaussian-smoothed flow (sigma {self.sigma:g} px), "
-            f"{self._budget_text()} (pixels), on {self.examples} test images; "
+            f"{self._budget_text()} (pixels); "
             f"kornia {kornia_version()} elastic_transform2d"
         )
 
@@ -553,7 +550,6 @@ class StAdvAttack(UnforeseenAttack):
     steps: int = Field(20, ge=0)
     step_size: float | None = Field(None, gt=0.0, description="None: 2.5 × epsilon / steps")
     smoothness: float = Field(0.005, ge=0.0, description="weight of the flow loss (Xiao et al.'s tau)")
-    examples: int = Field(500, gt=0, description="attack the first N test images: a fixed subset")
     seed: int = Field(0, ge=0)
 
     threat_class: ClassVar[str] = "stadv"
@@ -573,7 +569,7 @@ class StAdvAttack(UnforeseenAttack):
     def describe(self) -> str:
         return (
             f"StAdv attack ({XIAO}): adversarial per-pixel flow, {self._budget_text()} (pixels), "
-            f"flow-loss weight {self.smoothness:g}, on {self.examples} test images; "
+            f"flow-loss weight {self.smoothness:g}; "
             f"kornia {kornia_version()} remap"
         )
 
@@ -583,3 +579,6 @@ ATTACKS: dict[str, type[UnforeseenAttack]] = {
     cls.threat_class: cls
     for cls in (JPEGAttack, FogAttack, SnowAttack, GaborAttack, ElasticAttack, StAdvAttack)
 }
+
+for _attack in ATTACKS.values():
+    IMAGE_ATTACKS.register(_attack.threat_class, _attack)
