@@ -59,13 +59,6 @@ def test_triggers_run_in_double_precision_and_depend_on_their_seed(trigger: Natu
     assert not torch.allclose(out, other)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("trigger", TRIGGERS, ids=IDS)
-def test_triggers_are_the_same_on_the_gpu(trigger: NaturalTrigger) -> None:
-    images = torch.rand(2, 3, 32, 32)
-    torch.testing.assert_close(trigger.apply(images.cuda()).cpu(), trigger.apply(images), atol=1e-5, rtol=0)
-
-
 def test_a_zero_strength_warp_is_the_identity() -> None:
     images = torch.rand(3, 3, 20, 24)
     torch.testing.assert_close(WarpTrigger(strength=0.0).apply(images), images, atol=1e-5, rtol=0)
