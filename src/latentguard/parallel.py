@@ -96,12 +96,13 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def share(points: Sequence[Point], shard: tuple[int, int] | None) -> list[Point]:
-    """Shard ``i/n``'s points: every n-th point from the i-th, plus the base models they need (which the
-    first shard to claim one trains while the others wait for it)."""
+    """Shard ``i/n``'s points: every n-th defense point from the i-th, plus the base models they need
+    (each trained by the first shard to claim it; the others take other points meanwhile)."""
     if shard is None:
         return list(points)
     index, count = shard
-    mine = {p for k, p in enumerate(points) if k % count == index}
+    defenses = [p for p in points if p.defense is not None]
+    mine = {p for k, p in enumerate(defenses) if k % count == index}
     mine |= {p.base for p in mine}
     return [p for p in points if p in mine]
 
@@ -337,27 +338,36 @@ def _task(pipeline: Pipeline, seed: int) -> Task:
     return _CACHE["task"]
 
 
-def ensure_base(pipeline: Pipeline, seed: int) -> None:
-    """Make sure the seed's base model exists: train it under its claim, or wait for whoever holds that."""
+def ensure_base(pipeline: Pipeline, seed: int, *, wait: bool = True) -> bool:
+    """Make sure the seed's base model exists: train it under its claim, or wait for whoever holds that
+    (``wait=False``: return ``False`` at once instead)."""
     point = Point(seed)
     while not is_done(pipeline.run_dir, point):
         with claimed(claim_path(pipeline.run_dir, point)) as mine:
             if mine:
                 if not is_done(pipeline.run_dir, point):
                     pipeline.base_model(_task(pipeline, seed), seed)
-                return
+                return True
+        if not wait:
+            return False
         time.sleep(POLL_SECONDS)
+    return True
 
 
-def run_point(run_dir: Path, point: Point, threads: int | None = None) -> Outcome:
-    """Run one point in this process under its claim; a failure is returned, not raised."""
+def _claim_free(path: Path) -> bool:
+    return not path.exists() or _stale(path, _read_claim(path))
+
+
+def run_point(run_dir: Path, point: Point, threads: int | None = None, *, wait: bool = True) -> Outcome:
+    """Run one point in this process under its claim; a failure is returned, not raised. A base model
+    another process is training is waited for (``wait=False``: the outcome is ``busy``)."""
     start = time.perf_counter()
     pipeline = None
     try:
         pipeline = _pipeline(run_dir, threads)
         status: Status = "done"
         if point.defense is None:
-            ensure_base(pipeline, point.seed)
+            status = "done" if ensure_base(pipeline, point.seed, wait=wait) else "busy"
         else:
             defense = next(d for d in pipeline.config.defenses if d.name == point.defense)
             with claimed(claim_path(run_dir, point)) as mine:
@@ -396,25 +406,34 @@ def _not_run(point: Point, base: Outcome) -> Outcome:
 
 
 def _run_here(run_dir: Path, todo: list[Point], threads: int | None, record: Record) -> None:
-    """The points in this process, one after another: first those that can start now, then the wait for
-    a base model another process trains."""
+    """The points in this process, one after another, always one that can start now: a defense whose base
+    is there, else a base model no other process is training; else it waits for those."""
     remaining, bases_failed = list(todo), {}
     while remaining:
-        point = _next_point(run_dir, remaining)
-        remaining.remove(point)
+        point = _next_point(run_dir, remaining, bases_failed)
+        if point is None:
+            time.sleep(POLL_SECONDS)
+            continue
         if point.defense is not None and point.seed in bases_failed:
+            remaining.remove(point)
             record(_not_run(point, bases_failed[point.seed]))
             continue
-        outcome = run_point(run_dir, point, threads)
-        if point.defense is None and outcome.status != "done":
+        outcome = run_point(run_dir, point, threads, wait=False)
+        if outcome.status == "busy" and point.defense is None:
+            continue  # another process claimed this base model first: take another point meanwhile
+        remaining.remove(point)
+        if point.defense is None and outcome.status == "failed":
             bases_failed[point.seed] = outcome
         record(outcome)
 
 
-def _next_point(run_dir: Path, remaining: list[Point]) -> Point:
-    ready = (p for p in remaining if p.defense is not None and is_done(run_dir, p.base))
-    free = (p for p in remaining if p.defense is None and not claim_path(run_dir, p).exists())
-    return next(ready, None) or next(free, None) or remaining[0]
+def _next_point(run_dir: Path, remaining: list[Point], bases_failed: dict[int, Outcome]) -> Point | None:
+    bases = [p for p in remaining if p.defense is None]
+    defenses = [p for p in remaining if p.defense is not None]
+    done = (p for p in bases if is_done(run_dir, p))
+    ready = (p for p in defenses if p.seed in bases_failed or is_done(run_dir, p.base))
+    free = (p for p in bases if _claim_free(claim_path(run_dir, p)))
+    return next(done, None) or next(ready, None) or next(free, None)
 
 
 def _run_local(
