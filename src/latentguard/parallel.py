@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -107,12 +107,26 @@ def share(points: Sequence[Point], shard: tuple[int, int] | None) -> list[Point]
     return [p for p in points if p in mine]
 
 
-def is_done(run_dir: Path, point: Point) -> bool:
-    """Whether the point's final file is there (each is written last, atomically)."""
+def is_done(run_dir: Path, point: Point, metrics: Collection[str] = ()) -> bool:
+    """Whether the point's final file is there (each is written last, atomically), with ``metrics`` in it
+    (held-out attacks added to a finished run's config make its defense points undone again)."""
     folder = run_dir / f"seed-{point.seed}"
     if point.defense is None:
         return (folder / "base.json").is_file()
-    return (folder / point.defense / "eval.json").is_file()
+    path = folder / point.defense / "eval.json"
+    if not metrics or not path.is_file():
+        return path.is_file()
+    from latentguard.runs import read_json
+
+    return set(metrics) <= set(read_json(path)["metrics"])
+
+
+def heldout_metrics(config: RunConfig) -> list[str]:
+    """The held-out metric keys every evaluation of this run holds."""
+    from latentguard.domains import build_task
+
+    task = build_task(config.task, config.evaluation.attacks, config.seeds[0], "cpu")
+    return [f"robust/{attack.name}" for attack in task.heldout_attacks()]
 
 
 def claim_path(run_dir: Path, point: Point) -> Path:
@@ -373,7 +387,7 @@ def run_point(run_dir: Path, point: Point, threads: int | None = None, *, wait: 
             with claimed(claim_path(run_dir, point)) as mine:
                 if not mine:
                     status = "busy"
-                elif not is_done(run_dir, point):
+                else:  # a finished evaluation only gets the held-out attacks it lacks
                     ensure_base(pipeline, point.seed)
                     pipeline.evaluate_defense(_task(pipeline, point.seed), point.seed, defense)
         return Outcome(point, status, seconds=time.perf_counter() - start)
@@ -606,7 +620,8 @@ def run_parallel(
         run_dir = join_run(config, run_dir) if shard else start_run(config, run_dir)
     assert run_dir is not None
     points = share(all_points(config), shard)
-    todo = [p for p in points if not is_done(run_dir, p)]
+    expected = heldout_metrics(config) if resume else []
+    todo = [p for p in points if not is_done(run_dir, p, expected)]
     threads = worker_threads(config, workers) if workers > 1 else config.threads
     settings = WorkerSettings(threads=threads, gpus=_gpus(config), tasks=_task_registry())
     outcomes: list[Outcome] = []
@@ -638,7 +653,7 @@ def run_parallel(
         bar.close()
     failed = [o for o in outcomes if o.status == "failed"]
     _write_failures(run_dir, config, failed)
-    missing = [p for p in all_points(config) if not is_done(run_dir, p)]
+    missing = [p for p in all_points(config) if not is_done(run_dir, p, expected)]
     report = None
     if not missing:
         with claimed(run_dir / REPORT_CLAIM) as mine:  # two shards finishing together: one writes it
