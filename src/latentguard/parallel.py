@@ -406,7 +406,7 @@ def _local_point(run_dir: str, point: Point, threads: int | None) -> Outcome:
 def _ray_point(run_dir: str, point: Point, settings: WorkerSettings, base: Outcome | None) -> Outcome:
     """A Ray task: ``base`` is the result of the seed's base task (Ray runs this once that is there)."""
     if base is not None and base.status != "done":
-        return Outcome(point, "failed", f"not run: its base model ({base.point.key}) failed")
+        return _not_run(point, base)
     _apply(settings)
     return run_point(Path(run_dir), point, settings.threads)
 
