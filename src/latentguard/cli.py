@@ -11,10 +11,15 @@ import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from latentguard.errors import UserError
 
+if TYPE_CHECKING:
+    from latentguard.config import RunConfig
+
 EXIT_USER_ERROR = 2
+EXIT_POINTS_FAILED = 1  # some points of a run failed (each reported); the others ran
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +53,25 @@ def _plugin_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _parallel_args(parser: argparse.ArgumentParser) -> None:
+    """Spreading a run's points (a base model per seed, then each defense) over processes (parallel.py)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="run the points on N local worker processes (each with its share of the cores, or a GPU)",
+    )  # fmt: skip
+    where.add_argument(
+        "--ray", nargs="?", const="", metavar="ADDRESS",
+        help="run the points as Ray tasks: on a new local Ray instance, or on the cluster at ADDRESS "
+        "('auto': the running one); needs latentguard[ray]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shard", metavar="I/N",
+        help="run the I-th of N shares of the points into the --out folder the N shards share (a job array); "
+        "the last to finish writes the report (or `latentguard report RUN_DIR`)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentguard",
@@ -63,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = add("run", help="implant → defenses → held-out evaluation → report")
     _config_args(run)
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run folder")
+    _parallel_args(run)
 
     train = add("train", help="implant trojans and train the defenses, without evaluation")
     _config_args(train)
@@ -71,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = add("eval", help="(re)evaluate the trained models of a run folder and report")
     evaluate.add_argument("run_dir", type=Path)
 
-    report = add("report", help="rewrite report.md and plots from a run's results.json")
+    report = add(
+        "report",
+        help="rewrite report.md and plots from a run's results.json (a run of several processes without one: "
+        "write it once all its points are done)",
+    )
     report.add_argument("run_dir", type=Path)
 
     sweep = add(
@@ -87,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="lat",
         help="the defense kind --layers/--epsilons set (at, lat, rlat, a plugin's...)",
     )
+    sweep.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run folder")
+    _parallel_args(sweep)
 
     layers = add("layers", help="list the layer names a config's model offers")
     layers.add_argument("config", nargs="?", type=Path)
@@ -110,23 +141,66 @@ def _csv(text: str | None, kind: type, flag: str) -> list:
         ) from None
 
 
+def _resumed(args: argparse.Namespace) -> RunConfig:
+    from latentguard import pipeline
+
+    if args.config is not None or args.overrides or args.quick:
+        raise UserError("--resume takes its config from the run folder; drop CONFIG, --set and --quick")
+    config = pipeline.resume_config(args.resume)
+    return config.model_copy(update={"progress": False}) if args.no_progress else config
+
+
+def _spread(args: argparse.Namespace) -> bool:
+    """Whether the run's points go to several processes (--workers, --ray, --shard)."""
+    if getattr(args, "workers", 1) < 1:
+        raise UserError(f"--workers: expected a number of processes >= 1, got {args.workers}")
+    return (
+        getattr(args, "workers", 1) > 1
+        or getattr(args, "ray", None) is not None
+        or bool(getattr(args, "shard", None))
+    )
+
+
+def _run_parallel(
+    args: argparse.Namespace, config: RunConfig, run_dir: Path | None, *, resume: bool = False
+) -> int:
+    from latentguard.parallel import parse_shard, run_parallel
+
+    shard = parse_shard(args.shard) if args.shard else None
+    summary = run_parallel(config, run_dir, resume=resume, workers=args.workers, ray=args.ray, shard=shard)
+    print(f"run folder: {summary.run_dir}")
+    if summary.report is not None:
+        print(f"report: {summary.report}")
+    elif summary.missing and not summary.failed:
+        print(
+            f"{len(summary.missing)} points of the run are left to other processes; the last to finish "
+            f"writes the report (or: latentguard report {summary.run_dir})"
+        )
+    if summary.failed:
+        print(
+            f"latentguard: error: {len(summary.failed)} of {summary.total} points failed (above, and in "
+            f"{summary.run_dir / 'failures.json'}); continue with --resume {summary.run_dir}",
+            file=sys.stderr,
+        )
+        return EXIT_POINTS_FAILED
+    return 0
+
+
 def _command(args: argparse.Namespace) -> int:
     from latentguard import pipeline
     from latentguard.config import load_config
 
     if args.command in ("run", "train"):
         if args.resume is not None:
-            if args.config is not None or args.overrides or args.quick:
-                raise UserError(
-                    "--resume takes its config from the run folder; drop CONFIG, --set and --quick"
-                )
-            config = pipeline.resume_config(args.resume)
-            if args.no_progress:
-                config = config.model_copy(update={"progress": False})
+            config = _resumed(args)
+            if _spread(args):
+                return _run_parallel(args, config, args.resume, resume=True)
             run_dir = pipeline.run(config, args.resume, resume=True, train_only=args.command == "train")
         else:
             overrides = [*args.overrides, *_progress(args)]
             config = load_config(args.config, overrides, quick=args.quick, plugins=args.plugins)
+            if _spread(args):
+                return _run_parallel(args, config, args.out)
             run_dir = pipeline.run(config, args.out, train_only=args.command == "train")
         print(f"run folder: {run_dir}")
         if args.command == "run":
@@ -139,17 +213,35 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "report":
         from latentguard.report import render_run
 
+        if not (args.run_dir / "results.json").exists() and (args.run_dir / pipeline.CONFIG_FILE).exists():
+            from latentguard.parallel import report_run
+
+            print(report_run(args.run_dir))
+            return 0
         for path in render_run(args.run_dir):
             print(path)
         return 0
     if args.command == "sweep":
         from latentguard.sweep import expand, load_sweep, with_flags
 
+        if args.resume is not None:
+            if args.layers or args.epsilons or args.seeds:
+                raise UserError(
+                    "--resume takes its sweep from the run folder; drop --layers, --epsilons, --seeds"
+                )
+            config = _resumed(args)
+            if _spread(args):
+                return _run_parallel(args, config, args.resume, resume=True)
+            run_dir = pipeline.run(config, args.resume, resume=True)
+            print(f"run folder: {run_dir}\nreport: {run_dir / 'report.md'}")
+            return 0
         base, spec = load_sweep(
             args.config, [*args.overrides, *_progress(args)], quick=args.quick, plugins=args.plugins
         )
         layers, epsilons = _csv(args.layers, str, "--layers"), _csv(args.epsilons, float, "--epsilons")
         config = expand(base, with_flags(spec, args.kind, layers, epsilons), _csv(args.seeds, int, "--seeds"))
+        if _spread(args):
+            return _run_parallel(args, config, args.out)
         run_dir = pipeline.run(config, args.out)
         print(f"run folder: {run_dir}\nreport: {run_dir / 'report.md'}")
         return 0

@@ -202,14 +202,18 @@ class Pipeline:
         for seed in self.config.seeds:
             task = self.task(seed)
             for defense in self.config.defenses:
-                out = self.seed_dir(seed) / defense.name / "eval.json"
-                if out.exists() and not force:
-                    self._complete_evaluation(task, seed, defense, out)
-                    continue
-                model = self.train_defense(task, seed, defense)
-                evaluation = evaluate(model, task, self.config.evaluation, defense, seed)
-                atomic_write_json(out, asdict(evaluation))
-                self.log.write({"phase": f"seed-{seed}/{defense.name}/eval", **_numbers(evaluation.metrics)})
+                self.evaluate_defense(task, seed, defense, force=force)
+
+    def evaluate_defense(self, task: Task, seed: int, defense: DefenseSpec, *, force: bool = False) -> None:
+        """One sweep point: train (or load) a defense's model and write its ``eval.json``."""
+        out = self.seed_dir(seed) / defense.name / "eval.json"
+        if out.exists() and not force:
+            self._complete_evaluation(task, seed, defense, out)
+            return
+        model = self.train_defense(task, seed, defense)
+        evaluation = evaluate(model, task, self.config.evaluation, defense, seed)
+        atomic_write_json(out, asdict(evaluation))
+        self.log.write({"phase": f"seed-{seed}/{defense.name}/eval", **_numbers(evaluation.metrics)})
 
     def _complete_evaluation(self, task: Task, seed: int, defense: DefenseSpec, out: Path) -> None:
         """Runs only the held-out attacks added to the config since ``out`` was written."""

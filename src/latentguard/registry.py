@@ -78,6 +78,11 @@ class Registry(Generic[T]):
             for module in self._load:
                 importlib.import_module(module)
 
+    def entries(self) -> dict[str, T]:
+        """Every registered name and entry (a copy)."""
+        self._ensure_loaded()
+        return dict(self._entries)
+
     def names(self) -> list[str]:
         self._ensure_loaded()
         return sorted(self._entries)
