@@ -67,7 +67,7 @@ class Registry(Generic[T]):
             return lambda wrapped: self.register(name, wrapped, replace=replace)
         if not name or is_import_path(name):
             raise ValueError(f"{self.what}: {name!r} is not a valid kind name (no ':' allowed)")
-        if name in self._entries and not replace and self._entries[name] is not entry:
+        if name in self._entries and not replace and self._entries[name] != entry:
             raise ValueError(f"{self.what} {name!r} is already registered (pass replace=True to override)")
         self._entries[name] = entry
         return entry
