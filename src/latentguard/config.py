@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
 
 from latentguard.engine.attack import PGDConfig
-from latentguard.engine.threat import Threat
+from latentguard.engine.threat import UNION_TAGS, Threat
 from latentguard.engine.trainer import DefenseConfig, TrainConfig
 from latentguard.errors import ConfigError
 
@@ -60,6 +60,10 @@ class RunConfig(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads; set it when other jobs share the cores (default: torch's)"
     )
+    allow_repeated_sites: list[str] = Field(
+        default_factory=list,
+        description="sites whose module may run more than once per forward (each call gets the same δ)",
+    )
     output_dir: Path = Path("runs")
     tensorboard: bool = False
     progress: bool = True
@@ -100,7 +104,7 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """The first problem as ``field.path: what was expected`` (plus a count of the others)."""
     errors = exc.errors()
     first = errors[0]
-    parts = (*([prefix] if prefix else []), *first["loc"])
+    parts = (*([prefix] if prefix else []), *(part for part in first["loc"] if part not in UNION_TAGS))
     where = ".".join(str(part) if str(part).isprintable() else repr(part) for part in parts) or "config"
     message = first["msg"]
     if first["type"] == "extra_forbidden":

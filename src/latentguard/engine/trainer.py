@@ -53,9 +53,9 @@ from latentguard.engine.distributed import (
     reshard,
     shard_like,
 )
-from latentguard.engine.io import DivergenceIO, ModelIO, PairedIO
+from latentguard.engine.io import DivergenceIO, ModelIO, PairedIO, require
 from latentguard.engine.site import Intervention
-from latentguard.engine.threat import Threat
+from latentguard.engine.threat import Threat, ThreatSpec, per_site, threat_at
 from latentguard.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from latentguard.runs import load_tensors, save_tensors
 
@@ -71,7 +71,7 @@ class DefenseConfig(BaseModel):
 
     kind: DefenseKind
     sites: list[str] = Field(default_factory=list, description="layers to perturb; 'input' for AT")
-    threat: Threat | None = None
+    threat: ThreatSpec | None = Field(None, description="one threat for every site, or {site: threat}")
     pgd: PGDConfig = PGDConfig()
     clean_weight: float = Field(0.0, ge=0, description="weight of the extra loss on the clean forward")
     kl_weight: float = Field(
@@ -89,6 +89,14 @@ class DefenseConfig(BaseModel):
             raise ValueError(f"defense kind {self.kind!r} needs a threat")
         if self.kind in ("lat", "rlat", "tlat") and not self.sites:
             raise ValueError(f"defense kind {self.kind!r} needs at least one site (a layer name)")
+        if isinstance(self.threat, dict):
+            missing = [site for site in self.sites if site not in self.threat]
+            extra = [site for site in self.threat if site not in self.sites]
+            if missing or extra or not self.sites:
+                raise ValueError(
+                    "threat: per-site threats need exactly one entry per site in sites "
+                    f"(sites: {self.sites}; missing: {missing}; not a site: {extra})"
+                )
         fields = type(self).model_fields
         stray = [name for name in TLAT_WEIGHTS if getattr(self, name) != fields[name].default]
         if self.kind != "tlat" and stray:
@@ -103,8 +111,7 @@ class DefenseConfig(BaseModel):
         if self.kind == "clean":
             return "clean fine-tuning"
         assert self.threat is not None
-        where = ", ".join(self.sites)
-        radius = next(iter(radii.values())) if radii else None
+        radii = radii or {}
         what = {
             "at": "PGD",
             "lat": "latent PGD",
@@ -117,7 +124,21 @@ class DefenseConfig(BaseModel):
             extra += f", unlearn-undesired weight {self.undesired_weight:g}"
         if self.kl_weight:
             extra += f", KL weight {self.kl_weight:g}"
-        return f"{what} at {where}: {self.threat.describe(radius)}{steps}{extra}"
+        if isinstance(self.threat, Threat):
+            where = ", ".join(self.sites)
+            radius = next(iter(radii.values()), None)
+            return f"{what} at {where}: {self.threat.describe(radius)}{steps}{extra}"
+        each = "; ".join(f"{site}: {t.describe(radii.get(site))}" for site, t in self.threat.items())
+        return f"{what} at {each}{steps}{extra}"
+
+    def threat_at(self, site: str) -> Threat:
+        """The threat at one of ``sites`` (``sites`` empty: the input site AT fills in)."""
+        assert self.threat is not None, f"defense kind {self.kind!r} has no threat"
+        return threat_at(self.threat, site)
+
+    def threats(self, sites: list[str]) -> dict[str, Threat]:
+        assert self.threat is not None, f"defense kind {self.kind!r} has no threat"
+        return per_site(self.threat, sites)
 
 
 class TrainConfig(BaseModel):
@@ -203,6 +224,7 @@ class Trainer:
         progress: bool = True,
         description: str = "train",
     ) -> None:
+        require(io, ("to_device", "forward", "loss", "positions"), "Trainer")
         self.model = model
         self.io = io
         self.defense = defense
