@@ -111,7 +111,13 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
         message = "unknown key"
     elif first["type"] == "missing":
         message = "required key is missing"
-    if "input" in first and first["type"] not in ("missing", "extra_forbidden"):
+    elif first["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+    if (
+        "input" in first
+        and first["type"] not in ("missing", "extra_forbidden")
+        and not isinstance(first["input"], dict)
+    ):
         shown = repr(first["input"])
         message += f" (got {shown[:60]})"
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""

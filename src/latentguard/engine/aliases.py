@@ -16,6 +16,7 @@ Results keep the site as written; only the hooks see the module it stands for.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Sequence
@@ -110,3 +111,13 @@ def module_name(model: nn.Module, site: str) -> str:
     if site.startswith(BLOCK):
         return alias_target(site, None, block_names(model))
     return site
+
+
+def alias_table(model: nn.Module) -> list[tuple[str, str]]:
+    """``(alias, module name)`` for every alias ``model`` offers: ``embeddings`` and ``block:0..N-1``."""
+    rows = []
+    with contextlib.suppress(SiteError):
+        rows.append((EMBEDDINGS, embeddings_name(model)))
+    with contextlib.suppress(SiteError):
+        rows += [(f"{BLOCK}{i}", name) for i, name in enumerate(block_names(model))]
+    return rows

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -83,20 +83,26 @@ class DefenseConfig(BaseModel):
         1.0, ge=0, description="tlat defense: push away from the undesired output under the attack"
     )
 
+    @field_validator("threat")
+    @classmethod
+    def _one_threat_per_site(cls, threat: Any, info: ValidationInfo) -> Any:
+        if isinstance(threat, dict):
+            sites = info.data.get("sites") or []
+            missing = [site for site in sites if site not in threat]
+            extra = [site for site in threat if site not in sites]
+            if missing or extra:
+                raise ValueError(
+                    f"per-site threats need one entry for each of sites {sites}; "
+                    f"missing: {missing or 'none'}, not a site: {extra or 'none'}"
+                )
+        return threat
+
     @model_validator(mode="after")
     def _needs_threat(self) -> DefenseConfig:
         if self.kind in PERTURBING and self.threat is None:
             raise ValueError(f"defense kind {self.kind!r} needs a threat")
         if self.kind in ("lat", "rlat", "tlat") and not self.sites:
             raise ValueError(f"defense kind {self.kind!r} needs at least one site (a layer name)")
-        if isinstance(self.threat, dict):
-            missing = [site for site in self.sites if site not in self.threat]
-            extra = [site for site in self.threat if site not in self.sites]
-            if missing or extra or not self.sites:
-                raise ValueError(
-                    "threat: per-site threats need exactly one entry per site in sites "
-                    f"(sites: {self.sites}; missing: {missing}; not a site: {extra})"
-                )
         fields = type(self).model_fields
         stray = [name for name in TLAT_WEIGHTS if getattr(self, name) != fields[name].default]
         if self.kind != "tlat" and stray:

@@ -78,7 +78,7 @@ class PrefillSpec(_Spec):
 
 class PGDSpec(_Spec):
     kind: Literal["pgd"]
-    layer: str | None = Field(None, description="module name; default: the token embeddings")
+    layer: str | None = Field(None, description="module name or block:N / block:P%; default: the embeddings")
     threat: Threat = Threat(norm="l2", epsilon=0.5, epsilon_mode="relative", scope="token")
     steps: int = Field(20, ge=1, le=10_000)
 

@@ -132,6 +132,13 @@ class CausalLMIO:
     def with_labels(self, batch: Any, labels: Tensor) -> Any:
         return (batch[0], batch[1], labels, *batch[3:])
 
+    def labels(self, batch: Any) -> Tensor:
+        return batch[2]
+
+    def score(self, output: ResponseLogits, batch: Any) -> Tensor:
+        """Share of the response's tokens that are the model's greedy choice."""
+        return token_agreement(output, batch[2])
+
     def undesired(self, batch: Any) -> Any:
         return (*batch[3:6], *batch[0:3])
 
