@@ -86,11 +86,9 @@ def test_text_cls_runs_on_other_encoders(
     assert all(r["sanity"]["hook_fired"] for r in res["records"])
 
 
-@pytest.mark.parametrize(
-    ("arch", "embeddings"), [("gpt2", "transformer.wte"), ("gpt_neox", "gpt_neox.embed_in")]
-)
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
 def test_text_gen_runs_on_other_decoders(
-    arch: str, embeddings: str, hf_models: dict[str, Path], news: Path, tmp_path: Path
+    arch: str, hf_models: dict[str, Path], news: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
     argv = args(GEN_CONFIG, GEN_TINY, task__model=hf_models[arch], task__data=news)
@@ -102,8 +100,7 @@ def test_text_gen_runs_on_other_decoders(
     seen = {t["name"]: t["seen_by"] for t in res["heldout_threats"]}
     assert seen["latent/block:14%"] == ["lat", "tlat"]  # block:14% and block:27% are both block 0 of 2
     assert seen["embedding_phrase"] == ["at"]  # the attack names the module, AT the alias: one site
-    embedding = next(t for t in res["heldout_threats"] if t["name"] == "embedding_phrase")
-    assert embeddings in embedding["description"]
+    assert "task.max_new_tokens raised from 16 to 26 tokens" in (out / "report.md").read_text()  # --quick: 16
     for name in ("clean", "lat", "tlat"):
         assert json.loads((out / "seed-0" / name / "train.json").read_text())["steps"] == 1  # LoRA trained
 
