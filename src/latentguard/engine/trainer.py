@@ -138,11 +138,12 @@ class DefenseConfig(BaseModel):
         return f"{what} at {each}{steps}{extra}"
 
     def threat_at(self, site: str) -> Threat:
-        """The threat at one of ``sites`` (``sites`` empty: the input site AT fills in)."""
+        """The threat at ``site``: the one threat, or that site's entry of the per-site threats."""
         assert self.threat is not None, f"defense kind {self.kind!r} has no threat"
         return threat_at(self.threat, site)
 
     def threats(self, sites: list[str]) -> dict[str, Threat]:
+        """``{site: threat}`` for ``sites``."""
         assert self.threat is not None, f"defense kind {self.kind!r} has no threat"
         return per_site(self.threat, sites)
 

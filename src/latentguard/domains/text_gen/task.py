@@ -163,7 +163,9 @@ class TextGenerationTask:
                 len(self.examples["base"]), config.trojans, seed=seed * 7919 + 11
             )
         except ValueError as exc:
-            raise ConfigError(f"task.trojans: {exc}") from None
+            raise ConfigError(
+                f"task.trojans: {exc}; change its poison_rate or task.base_train_size"
+            ) from None
         self.victim = Victim(
             self.tokenizer, config.max_new_tokens, config.generation_batch_size, config.length
         )
