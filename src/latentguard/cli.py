@@ -162,7 +162,7 @@ def _layers(config: RunConfig, *, every: bool) -> list[str]:
         note = "  (AT's default site: sites: [] for kind at)" if name == task.input_site else ""
         lines.append(f"{alias:<15} {name}{note}")
     aliased = {name for _, name in table}
-    lines += [f"{'':<15} {name}" for name in task.layers if name not in aliased]
+    lines += [f"{name:<15} {name}" for name in task.layers if name not in aliased]
     blocks = sum(alias.startswith("block:") for alias, _ in table)
     if blocks:
         lines.append(
