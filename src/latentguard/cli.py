@@ -119,10 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run folder")
     _parallel_args(sweep)
 
-    layers = add("layers", help="list the layer names a config's model offers")
-    layers.add_argument("config", nargs="?", type=Path)
-    _plugin_arg(layers)
-    layers.add_argument("--all", action="store_true", help="every submodule, not only the named stages")
+    layers = add("layers", help="list the sites a config's model offers: aliases and module names")
+    _config_args(layers)
+    layers.add_argument("--all", action="store_true", help="also every submodule, not only the named stages")
     return parser
 
 
@@ -246,15 +245,38 @@ def _command(args: argparse.Namespace) -> int:
         print(f"run folder: {run_dir}\nreport: {run_dir / 'report.md'}")
         return 0
     if args.command == "layers":
-        from latentguard.domains import build_task
-        from latentguard.engine.site import module_names
-
-        config = load_config(args.config, plugins=args.plugins)
-        task = build_task(config.task, config.evaluation.attacks, config.seeds[0], "cpu")
-        names = module_names(task.build_model()) if args.all else list(task.layers)
-        print("\n".join(names))
+        config = load_config(args.config, args.overrides, quick=args.quick, plugins=args.plugins)
+        print("\n".join(_layers(config, every=args.all)))
         return 0
     raise AssertionError(args.command)
+
+
+def _layers(config: RunConfig, *, every: bool) -> list[str]:
+    """The sites a config's model offers: its input site, aliases with their modules, named stages."""
+    from latentguard.domains import build_task
+    from latentguard.engine.aliases import alias_table
+    from latentguard.engine.site import INPUT, module_names
+
+    task = build_task(config.task, config.evaluation.attacks, config.seeds[0], "cpu")
+    model = task.build_model()
+    table = alias_table(model)
+    lines = ["SITE            MODULE"]
+    if task.input_site == INPUT:
+        lines.append(f"{INPUT:<15} (the model's input; AT's default site)")
+    for alias, name in table:
+        note = "  (AT's default site: sites: [] for kind at)" if name == task.input_site else ""
+        lines.append(f"{alias:<15} {name}{note}")
+    aliased = {name for _, name in table}
+    lines += [f"{name:<15} {name}" for name in task.layers if name not in aliased]
+    blocks = sum(alias.startswith("block:") for alias, _ in table)
+    if blocks:
+        lines.append(
+            f"block:-K counts from the end; block:P% is block floor(P × {blocks} / 100), capped at "
+            f"block:{blocks - 1}. Any module name also works as a site."
+        )
+    if every:
+        lines += ["", "every submodule:", *module_names(model)]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

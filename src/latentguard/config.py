@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from latentguard.defenses.base import DefenseConfig
 from latentguard.engine.attack import PGDConfig
-from latentguard.engine.threat import Threat
+from latentguard.engine.threat import UNION_TAGS, Threat
 from latentguard.engine.trainer import TrainConfig
 from latentguard.errors import ConfigError
 from latentguard.registry import Registry, load_plugins
@@ -65,6 +65,10 @@ class RunConfig(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads; set it when other jobs share the cores (default: torch's)"
     )
+    allow_repeated_sites: list[str] = Field(
+        default_factory=list,
+        description="sites whose module may run more than once per forward (each call gets the same δ)",
+    )
     output_dir: Path = Path("runs")
     tensorboard: bool = False
     progress: bool = True
@@ -102,14 +106,18 @@ class RunConfig(BaseModel):
 
 
 def _problem(error: Any, prefix: str) -> str:
-    parts = (*([prefix] if prefix else []), *error["loc"])
+    parts = (*([prefix] if prefix else []), *(part for part in error["loc"] if part not in UNION_TAGS))
     where = ".".join(str(part) if str(part).isprintable() else repr(part) for part in parts) or "config"
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown key"
     elif error["type"] == "missing":
         message = "required key is missing"
-    if "input" in error and error["type"] not in ("missing", "extra_forbidden", "value_error"):
+    if (
+        "input" in error
+        and error["type"] not in ("missing", "extra_forbidden")
+        and not isinstance(error["input"], dict)
+    ):
         shown = repr(error["input"])
         message += f" (got {shown[:60]})"
     return f"{where}: {message}"

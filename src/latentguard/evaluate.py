@@ -9,7 +9,7 @@ same size and no black-box attack beats the white-box ones.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from latentguard.config import DefenseSpec, EvaluationConfig
 from latentguard.domains.base import Task
 from latentguard.engine.attack import LatentAttack, PGDConfig
-from latentguard.engine.io import ClassifierIO, ModelIO
+from latentguard.engine.io import ClassifierIO, ModelIO, require
 from latentguard.engine.site import Intervention, frozen
 from latentguard.engine.threat import Threat
 from latentguard.results import GROUPS, Metrics
@@ -42,12 +42,15 @@ def accuracy_score(output: Tensor, batch: Any) -> Tensor:
 
 
 def accuracy(model: nn.Module, batches: Iterable[Any], io: ModelIO | None = None) -> float:
-    """Clean accuracy of a classifier over ``(inputs, labels)`` batches."""
+    """Mean ``io.score`` over the batches (``io`` default: ``(inputs, labels)`` batches of a classifier)."""
     io = io or ClassifierIO()
+    require(io, ("forward", "score"), "accuracy")
     scores = []
     with frozen(model), torch.no_grad():
         for batch in batches:
-            scores.append(accuracy_score(io.forward(model, batch), batch))
+            scores.append(io.score(io.forward(model, batch), batch).float())
+    if not scores:
+        raise ValueError("accuracy: no batches")
     return float(torch.cat(scores).mean())
 
 
@@ -55,14 +58,17 @@ def latent_robustness(
     model: nn.Module,
     batches: list[Any],
     layer: str,
-    threat: Threat,
+    threat: Threat | Mapping[str, Threat],
     pgd: PGDConfig | None = None,
     *,
     io: ModelIO | None = None,
-    score: Callable[[Any, Any], Tensor] = accuracy_score,
+    score: Callable[[Any, Any], Tensor] | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """Mean score under latent PGD at ``layer`` and the calibration used (radius fixed on the first batch)."""
+    """Mean score (``score``, default ``io.score``) under latent PGD at ``layer`` and the calibration used
+    (radius fixed on the first batch). ``threat`` may be a ``Threat`` or ``{layer: Threat}``."""
     io = io or ClassifierIO()
+    require(io, ("forward", "loss", "positions", *(() if score else ("score",))), "latent_robustness")
+    score = score or io.score
     attack = LatentAttack([layer], threat, pgd or PGDConfig(steps=20))
     attack.calibrate(model, io, batches[0])
     scores = []

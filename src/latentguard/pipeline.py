@@ -10,6 +10,7 @@ folder, and it evaluates and reports alone once everything is trained (the other
 
 from __future__ import annotations
 
+import functools
 import time
 import zlib
 from dataclasses import asdict
@@ -20,8 +21,10 @@ import torch
 from torch import nn
 
 from latentguard.config import DefenseSpec, RunConfig, dump_config, load_config
+from latentguard.defenses import DefenseConfig
 from latentguard.domains import build_task
 from latentguard.domains.base import Task, resolve_device
+from latentguard.engine.aliases import is_alias, module_name
 from latentguard.engine.distributed import (
     from_main,
     is_main_process,
@@ -29,12 +32,13 @@ from latentguard.engine.distributed import (
     process_device,
     wait_for_everyone,
 )
-from latentguard.engine.site import resolve_module
-from latentguard.engine.trainer import DefenseConfig, Trainer
-from latentguard.errors import ConfigError
+from latentguard.engine.threat import Threat
+from latentguard.engine.trainer import Trainer
+from latentguard.errors import ConfigError, SiteError
 from latentguard.evaluate import complete_evaluation, evaluate, missing_heldout
+from latentguard.preflight import fill_sites, preflight
 from latentguard.report import write_report
-from latentguard.results import Metrics, MetricSpec, Record, Results, Threat, TrainingThreat, Trojan
+from latentguard.results import HeldoutThreat, Metrics, MetricSpec, Record, Results, TrainingThreat, Trojan
 from latentguard.runs import (
     MetricLog,
     atomic_write_json,
@@ -79,18 +83,6 @@ def defense_seed(seed: int, name: str) -> int:
     return seed * 1_000_003 + zlib.crc32(name.encode())
 
 
-def fill_sites(defense: DefenseSpec, task: Task) -> DefenseConfig:
-    """A perturbing defense given no sites (input-space AT) perturbs the task's input site (pixels, or token
-    embeddings for text)."""
-    fields = defense.model_dump(exclude={"name"})
-    if defense.defense.perturbs and not defense.sites:
-        fields["sites"] = [task.input_site]
-    threat = fields.get("threat")
-    if threat and threat["bounds"] is None and fields["sites"] == ["input"] and task.input_bounds:
-        threat["bounds"] = task.input_bounds
-    return DefenseConfig.model_validate(fields)
-
-
 class Pipeline:
     """Runs (or resumes) every unit of one run folder."""
 
@@ -103,7 +95,8 @@ class Pipeline:
         tb = run_dir / "tensorboard" if config.tensorboard else None
         self.log = MetricLog(run_dir / "metrics.jsonl", tb)
         self._tasks: dict[int, Task] = {}
-        self.input_site = self.task(config.seeds[0]).input_site
+        self._task = self.task(config.seeds[0])
+        self.input_site = self._task.input_site
 
     def seed_dir(self, seed: int) -> Path:
         return self.run_dir / f"seed-{seed}"
@@ -246,7 +239,7 @@ class Pipeline:
                         defense=defense.name,
                         kind=defense.kind,
                         sites=fill_sites(defense, task).sites,
-                        epsilon=defense.threat.epsilon if defense.threat else None,
+                        epsilon=defense.threat.epsilon if isinstance(defense.threat, Threat) else None,
                         by_layer=defense.defense.by_layer,
                         metrics=evaluation["metrics"],
                         calibration={**train["calibration"], **evaluation["calibration"]},
@@ -267,7 +260,7 @@ class Pipeline:
             heldout_threats=self._heldout_threats(task),
             metrics=self._metric_table(task),
             defense_order=[d.name for d in cfg.defenses],
-            layer_order=list(task.layers),
+            layer_order=self.layer_order(task),
             records=records,
             phase_seconds=phase,
         )
@@ -287,17 +280,53 @@ class Pipeline:
             if not defense.defense.learns_threat or defense.threat is None:
                 continue
             sites = defense.sites or [self.input_site]
-            if site in sites and (norm is None or norm == defense.threat.norm):
+            match = next((s for s in sites if self.same_site(s, site)), None)
+            if match is not None and (norm is None or norm == defense.threat_at(match).norm):
                 seen.append(defense.name)
         return seen
 
-    def _heldout(self, task: Task) -> list[tuple[str, str, Threat]]:
+    def same_site(self, a: str, b: str) -> bool:
+        """Whether two sites (names or aliases such as ``block:50%``) are the same module."""
+        return a == b or self.canonical(a) == self.canonical(b)
+
+    def canonical(self, site: str) -> str:
+        """The module name a site stands for (aliases resolved on the model, built once if any is used)."""
+        return self._alias_modules.get(site, site)
+
+    @functools.cached_property
+    def _alias_modules(self) -> dict[str, str]:
+        cfg = self.config
+        sites = {self.input_site, *cfg.evaluation.latent_layers}
+        sites |= {site for d in cfg.defenses for site in d.sites}
+        sites |= {a.site for a in self._task.heldout_attacks()}
+        aliases = sorted(site for site in sites if is_alias(site))
+        if not aliases:
+            return {}
+        with torch.random.fork_rng(devices=[]):
+            model = self._task.build_model()
+        found = {}
+        for site in aliases:
+            try:
+                found[site] = module_name(model, site)
+            except SiteError:
+                continue
+        return found
+
+    def layer_order(self, task: Task) -> list[str]:
+        """Sites of single-site defenses and latent evaluations by depth, then the task's other layers."""
+        cfg = self.config
+        used = [d.sites[0] for d in cfg.defenses if len(d.sites) == 1] + list(cfg.evaluation.latent_layers)
+        depth = {name: i for i, name in enumerate(task.layers)}
+        ordered = sorted(dict.fromkeys(used), key=lambda s: depth.get(self.canonical(s), len(depth)))
+        return ordered + [layer for layer in task.layers if layer not in ordered]
+
+    def _heldout(self, task: Task) -> list[tuple[str, str, HeldoutThreat]]:
         """(group, name, threat) of every held-out evaluation: the task's attacks, then latent PGD."""
         threats = [
             (
                 "heldout",
                 a.name,
-                Threat(name=a.name, description=a.description, seen_by=self._seen_by(a.site, a.norm)),
+                HeldoutThreat(name=a.name, description=a.description, seen_by=self._seen_by(a.site, a.norm)),
             )
             for a in task.heldout_attacks()
         ]
@@ -312,12 +341,12 @@ class Pipeline:
                 (
                     "latent",
                     layer,
-                    Threat(name=name, description=description, seen_by=self._seen_by(layer, None)),
+                    HeldoutThreat(name=name, description=description, seen_by=self._seen_by(layer, None)),
                 )
             )
         return threats
 
-    def _heldout_threats(self, task: Task) -> list[Threat]:
+    def _heldout_threats(self, task: Task) -> list[HeldoutThreat]:
         return [threat for _, _, threat in self._heldout(task)]
 
     def _metric_table(self, task: Task) -> list[MetricSpec]:
@@ -349,18 +378,6 @@ def _numbers(metrics: Metrics) -> dict[str, float]:
         for name, v in values.items()
         if isinstance(v, (int, float))
     }
-
-
-def preflight(config: RunConfig) -> None:
-    """Check what can be checked before any folder is written: device, task sections, layer names."""
-    device = resolve_device(config.device)
-    task = build_task(config.task, config.evaluation.attacks, config.seeds[0], device)
-    model = task.build_model()
-    for defense in config.defenses:
-        for site in defense.sites:
-            resolve_module(model, site)
-    for layer in config.evaluation.latent_layers:
-        resolve_module(model, layer)
 
 
 def run(

@@ -36,7 +36,7 @@ class MetricSpec(BaseModel):
         return (self.group, self.name)
 
 
-class Threat(BaseModel):
+class HeldoutThreat(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
@@ -92,7 +92,7 @@ class Results(BaseModel):
     provenance: dict[str, Any] = Field(default_factory=dict)
     trojans: list[Trojan] = Field(default_factory=list)
     training_threats: list[TrainingThreat] = Field(default_factory=list)
-    heldout_threats: list[Threat] = Field(default_factory=list)
+    heldout_threats: list[HeldoutThreat] = Field(default_factory=list)
     metrics: list[MetricSpec]
     defense_order: list[str] = Field(default_factory=list)
     layer_order: list[str] = Field(default_factory=list)

@@ -31,6 +31,7 @@ from latentguard.config import (
 )
 from latentguard.defenses import defense_for
 from latentguard.domains import task_class
+from latentguard.engine.threat import Threat
 from latentguard.errors import ConfigError
 from latentguard.registry import DEFENSES
 
@@ -92,6 +93,10 @@ def _points(base: RunConfig, kind: str, grid: SweepGrid) -> list[DefenseSpec]:
     template = next((d for d in base.defenses if d.kind == kind), None)
     if template is None or template.threat is None:
         raise ConfigError(f"defenses: sweeping {kind!r} needs one {kind} defense in the config as a template")
+    if not isinstance(template.threat, Threat):
+        raise ConfigError(
+            f"defenses.{template.name}.threat: a swept template needs one threat, not one per site"
+        )
     if grid.layers:
         layers: list[str | None] = list(grid.layers)
     elif not defense_for(kind).needs_sites:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor, nn
 
 from latentguard.engine.attack import AttackResult, LatentAttack, Objective, PGDConfig, untargeted
 from latentguard.engine.io import ModelIO
-from latentguard.engine.threat import Threat
+from latentguard.engine.threat import Threat, ThreatSpec, per_site, threat_at
 from latentguard.errors import ConfigError
 from latentguard.registry import DEFENSES
 
@@ -67,8 +67,8 @@ class Defense:
         """Settings of its own that the report lists after the threat (e.g. tlat's unlearning weight)."""
         return []
 
-    def describe(self, config: DefenseConfig, radius: float | None) -> str:
-        """One line for the report's training-threat table."""
+    def describe(self, config: DefenseConfig, radii: dict[str, float]) -> str:
+        """One line for the report's training-threat table (``radii``: the absolute radius per site)."""
         if not self.perturbs:
             return self.label(config)
         assert config.threat is not None
@@ -77,8 +77,12 @@ class Defense:
         notes += self.notes(config)
         notes += [f"KL weight {config.kl_weight:g}"] if config.kl_weight else []
         extra = "".join(f", {note}" for note in notes)
-        where = ", ".join(config.sites)
-        return f"{self.label(config)} at {where}: {config.threat.describe(radius)}{steps}{extra}"
+        if isinstance(config.threat, Threat):
+            where = ", ".join(config.sites)
+            radius = next(iter(radii.values()), None)
+            return f"{self.label(config)} at {where}: {config.threat.describe(radius)}{steps}{extra}"
+        each = "; ".join(f"{site}: {t.describe(radii.get(site))}" for site, t in config.threat.items())
+        return f"{self.label(config)} at {each}{steps}{extra}"
 
 
 def defense_for(kind: str, where: str = "kind") -> Defense:
@@ -97,7 +101,7 @@ class DefenseConfig(BaseModel):
 
     kind: str = Field(description="a registered defense: none, clean, at, lat, rlat, tlat or a plugin's")
     sites: list[str] = Field(default_factory=list, description="layers to perturb; 'input' for AT")
-    threat: Threat | None = None
+    threat: ThreatSpec | None = Field(None, description="one threat for every site, or {site: threat}")
     pgd: PGDConfig = PGDConfig()
     clean_weight: float = Field(0.0, ge=0, description="weight of the extra loss on the clean forward")
     kl_weight: float = Field(
@@ -109,6 +113,20 @@ class DefenseConfig(BaseModel):
         1.0, ge=0, description="tlat defense: push away from the undesired output under the attack"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="settings of a plugin's defense")
+
+    @field_validator("threat")
+    @classmethod
+    def _one_threat_per_site(cls, threat: Any, info: ValidationInfo) -> Any:
+        if isinstance(threat, dict):
+            sites = info.data.get("sites") or []
+            missing = [site for site in sites if site not in threat]
+            extra = [site for site in threat if site not in sites]
+            if missing or extra:
+                raise ValueError(
+                    f"per-site threats need one entry for each of sites {sites}; "
+                    f"missing: {missing or 'none'}, not a site: {extra or 'none'}"
+                )
+        return threat
 
     @field_validator("kind")
     @classmethod
@@ -141,4 +159,14 @@ class DefenseConfig(BaseModel):
         return defense_for(self.kind)
 
     def describe(self, radii: dict[str, float] | None = None) -> str:
-        return self.defense.describe(self, next(iter(radii.values())) if radii else None)
+        return self.defense.describe(self, radii or {})
+
+    def threat_at(self, site: str) -> Threat:
+        """The threat at ``site``: the one threat, or that site's entry of the per-site threats."""
+        assert self.threat is not None, f"defense kind {self.kind!r} has no threat"
+        return threat_at(self.threat, site)
+
+    def threats(self, sites: list[str]) -> dict[str, Threat]:
+        """``{site: threat}`` for ``sites``."""
+        assert self.threat is not None, f"defense kind {self.kind!r} has no threat"
+        return per_site(self.threat, sites)

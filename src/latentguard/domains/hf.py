@@ -9,7 +9,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from latentguard.errors import ConfigError
+from latentguard.engine import aliases
+from latentguard.errors import ConfigError, SiteError
 
 
 class TinyTransformerSpec(BaseModel):
@@ -32,22 +33,29 @@ class TinyTransformerSpec(BaseModel):
 
 def input_site_of(model: nn.Module) -> str:
     """The dotted name of the token-embedding module (e.g. ``model.embed_tokens`` for Llama)."""
-    embeddings = model.get_input_embeddings()  # type: ignore[operator]
-    for name, module in model.named_modules():
-        if module is embeddings:
-            return name
-    raise ConfigError(f"task.model: {type(model).__name__}'s input embeddings are not one of its submodules")
+    try:
+        return aliases.embeddings_name(model)
+    except SiteError as exc:
+        raise ConfigError(f"task.model: {exc}") from None
 
 
 def block_names(model: nn.Module) -> tuple[str, ...]:
     """The transformer blocks: the items of the longest ``ModuleList`` (``bert.encoder.layer.0`` …)."""
-    best: tuple[str, ...] = ()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best):
-            best = tuple(f"{name}.{i}" for i in range(len(module)))
-    if not best:
-        raise ConfigError(f"task.model: found no list of transformer blocks in {type(model).__name__}")
-    return best
+    try:
+        return aliases.block_names(model)
+    except SiteError as exc:
+        raise ConfigError(f"task.model: {exc}") from None
+
+
+def block_linear_layers(model: nn.Module) -> list[str]:
+    """Names, inside a block, of the blocks' linear layers (``nn.Linear``, GPT-2's ``Conv1D``): what LoRA
+    adapts by default (``self_attn.q_proj``, ``attn.c_attn``, ``attention.query_key_value``, …)."""
+    found: dict[str, None] = {}
+    for block in block_names(model):
+        for name, module in model.get_submodule(block).named_modules():
+            if name and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+                found[name] = None
+    return list(found)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@ forward with hooks; a split model can supply the suffix alone without touching `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -18,13 +19,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from latentguard.engine.io import ModelIO
+from latentguard.engine.io import ModelIO, require
 from latentguard.engine.site import Intervention, frozen
 from latentguard.engine.split import PrefixCache
 from latentguard.engine.threat import (
     Threat,
     ascent_direction,
     mean_unit_size,
+    per_site,
     project,
     radius,
     random_in_ball,
@@ -84,9 +86,12 @@ class Targeted:
     same_inputs: bool = True
 
     def __call__(self, run: Run, io: ModelIO, batch: Any) -> Tensor:
+        require(io, ("with_labels", *(() if callable(self.target) else ("labels",))), "Targeted")
         output = run(batch)
         true_loss = io.loss(output, batch)
-        labels = self.target(batch) if callable(self.target) else torch.full_like(batch[1], self.target)
+        labels = (
+            self.target(batch) if callable(self.target) else torch.full_like(io.labels(batch), self.target)
+        )
         toward = io.loss(output, io.with_labels(batch, labels))
         return (-toward + self.away_weight * true_loss).mean()
 
@@ -205,28 +210,30 @@ def pgd(
 class LatentAttack:
     """PGD at named sites of an unmodified model (``"input"`` for input-space AT).
 
-    ``unit_sizes`` holds each site's calibration (mean unit size) once measured; relative epsilons are
-    resolved against it, so the budget stays fixed for a whole run.
+    ``threat`` is one threat for every site or a mapping ``site -> threat``. ``unit_sizes`` holds each
+    site's calibration (mean unit size) once measured; relative epsilons are resolved against it, so the
+    budget stays fixed for a whole run.
     """
 
     def __init__(
         self,
         sites: list[str],
-        threat: Threat,
+        threat: Threat | Mapping[str, Threat],
         config: PGDConfig | None = None,
         objective: Objective = untargeted,
     ) -> None:
         self.sites = list(sites)
         self.threat = threat
+        self._threats = per_site(threat, self.sites)
         self.config = config or PGDConfig()
         self.objective = objective
         self.unit_sizes: dict[str, float] = {}
 
     def threats(self) -> dict[str, Threat]:
-        return dict.fromkeys(self.sites, self.threat)
+        return dict(self._threats)
 
     def radii(self) -> dict[str, float]:
-        return {site: radius(self.threat, self.unit_sizes.get(site)) for site in self.sites}
+        return {site: radius(self._threats[site], self.unit_sizes.get(site)) for site in self.sites}
 
     def capture(self, model: nn.Module, io: ModelIO, batch: Any, cache: PrefixCache | None = None) -> Deltas:
         """The clean activations at every site (weights frozen, no graph kept); fills ``cache`` if given."""
@@ -237,6 +244,12 @@ class LatentAttack:
                 else:
                     cache.record(lambda: io.forward(model, batch))
             hooks.check_fired()
+        for site, count in hooks.repeated().items():
+            warnings.warn(
+                f"site {site!r} ran {count} times in one forward (a reused module): each call gets the same "
+                "perturbation; pick a module that runs once",
+                stacklevel=3,
+            )
         return hooks.activations
 
     def prefix_cache(self, model: nn.Module) -> PrefixCache | None:
@@ -250,19 +263,21 @@ class LatentAttack:
         activations = self.capture(model, io, batch)
         positions = io.positions(batch)
         for site, act in activations.items():
-            size = mean_unit_size(act, self.threat, _positions_for(act, positions))
+            size = mean_unit_size(act, self._threats[site], _positions_for(act, positions))
             if not math.isfinite(size):
                 raise NonFiniteError(f"non-finite activations at site {site!r} while calibrating epsilon")
             self.unit_sizes[site] = size
         return dict(self.unit_sizes)
 
     def _ensure_calibrated(self, model: nn.Module, io: ModelIO, batch: Any) -> None:
-        if self.threat.epsilon_mode == "relative" and any(s not in self.unit_sizes for s in self.sites):
+        relative = [s for s in self.sites if self._threats[s].epsilon_mode == "relative"]
+        if any(s not in self.unit_sizes for s in relative):
             self.calibrate(model, io, batch)
 
     def __call__(
         self, model: nn.Module, io: ModelIO, batch: Any, generator: torch.Generator | None = None
     ) -> AttackResult:
+        require(io, ("forward", "loss", "positions"), "LatentAttack")
         self._ensure_calibrated(model, io, batch)
         cache = self.prefix_cache(model)
         references = self.capture(model, io, batch, cache)
@@ -294,8 +309,9 @@ class LatentAttack:
         deltas = {}
         for site, ref in references.items():
             site_positions = _positions_for(ref, positions)
-            noise = random_on_sphere(ref, self.threat, radii[site], generator, site_positions)
-            deltas[site] = project(noise, self.threat, radii[site], ref, site_positions)
+            threat = self._threats[site]
+            noise = random_on_sphere(ref, threat, radii[site], generator, site_positions)
+            deltas[site] = project(noise, threat, radii[site], ref, site_positions)
         return AttackResult(deltas=deltas, radii=radii)
 
     def loss_with(self, model: nn.Module, io: ModelIO, batch: Any, deltas: Deltas) -> float:

@@ -1,17 +1,20 @@
 """How the engine runs a model on a batch and scores it.
 
 The engine never looks inside a batch: each domain supplies a ``ModelIO`` that knows how to move a batch to a
-device, call the model on it, score the output per example and (for sequence models) which positions an
-adversary may perturb.
+device, call the model on it, take its loss and its score per example, read and replace its labels and (for
+sequence models) which positions an adversary may perturb. Batches may be tuples, dicts or anything else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from latentguard.errors import UserError
 
 
 @runtime_checkable
@@ -33,6 +36,28 @@ class ModelIO(Protocol):
     def with_labels(self, batch: Any, labels: Tensor) -> Any:
         """The same inputs with other labels: targeted attacks aim the model at them."""
         ...
+
+    def labels(self, batch: Any) -> Tensor:
+        """The batch's labels (what ``with_labels`` replaces): a class per example, or token labels."""
+        ...
+
+    def score(self, output: Any, batch: Any) -> Tensor:
+        """Per-example success, shape ``(batch,)`` (1.0 = correct): what accuracy and robustness average."""
+        ...
+
+
+MODEL_IO_METHODS = ("to_device", "forward", "loss", "positions", "with_labels", "labels", "score")
+
+
+def require(io: Any, methods: Iterable[str], purpose: str) -> None:
+    """A one-line ``UserError`` naming the methods ``io`` lacks for ``purpose`` (instead of an AttributeError
+    deep inside the loop)."""
+    missing = [name for name in methods if not callable(getattr(io, name, None))]
+    if missing:
+        raise UserError(
+            f"io: {type(io).__name__} lacks {', '.join(f'{m}()' for m in missing)}, which {purpose} needs; "
+            f"a ModelIO has {', '.join(MODEL_IO_METHODS)} (see README, 'Python API')"
+        )
 
 
 @runtime_checkable
@@ -71,6 +96,12 @@ class ClassifierIO:
 
     def with_labels(self, batch: Any, labels: Tensor) -> Any:
         return batch[0], labels
+
+    def labels(self, batch: Any) -> Tensor:
+        return batch[1]
+
+    def score(self, output: Tensor, batch: Any) -> Tensor:
+        return (output.argmax(dim=1) == batch[1]).float()
 
     def divergence(self, output: Tensor, reference: Tensor, batch: Any) -> Tensor:
         return class_divergence(output, reference)

@@ -1,7 +1,8 @@
 """Sites: where a perturbation lives, reached through forward hooks on an unmodified ``nn.Module``.
 
-A site is ``"input"`` (the first positional argument of the model's forward) or the dotted name of any
-submodule (``"block2"``, ``"bert.encoder.layer.3"``, ``"model.layers.12"``). Hugging Face blocks return
+A site is ``"input"`` (the first positional argument of the model's forward), the dotted name of any
+submodule (``"block2"``, ``"bert.encoder.layer.3"``, ``"model.layers.12"``) or an architecture-independent
+alias (``"embeddings"``, ``"block:4"``, ``"block:50%"``: see ``aliases``). Hugging Face blocks return
 tuples or output objects; the hook perturbs their first tensor, the hidden state.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from latentguard.engine.aliases import is_alias, module_name
 from latentguard.errors import SiteError
 
 INPUT = "input"
@@ -25,16 +27,19 @@ def module_names(model: nn.Module) -> list[str]:
 
 
 def resolve_module(model: nn.Module, site: str) -> nn.Module:
-    """The module at ``site``; an unknown name is a ``SiteError`` listing the closest valid names."""
+    """The module at ``site`` (a name or an alias); an unknown name is a ``SiteError`` listing the closest
+    valid names."""
     if site == INPUT:
         return model
+    name = module_name(model, site) if is_alias(site) else site
     try:
-        return model.get_submodule(site)
+        return model.get_submodule(name)
     except AttributeError:
         names = module_names(model)
         close = difflib.get_close_matches(site, names, n=5, cutoff=0.4) or names[:5]
         raise SiteError(
-            f"unknown layer {site!r} in {type(model).__name__}; closest valid names: {', '.join(close)}"
+            f"unknown layer {site!r} in {type(model).__name__}; closest valid names: {', '.join(close)} "
+            "(or embeddings, block:N, block:P%)"
         ) from None
 
 
@@ -129,6 +134,10 @@ class Intervention:
         silent = [site for site, count in self.fired.items() if count == 0]
         if silent:
             raise SiteError(f"layer(s) {', '.join(map(repr, silent))} never ran in the forward pass")
+
+    def repeated(self) -> dict[str, int]:
+        """Sites whose module ran more than once (a reused module): each call got the same perturbation."""
+        return {site: count for site, count in self.fired.items() if count > 1}
 
 
 @contextmanager

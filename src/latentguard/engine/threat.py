@@ -9,10 +9,11 @@ orders of magnitude.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from torch import Tensor
 
 from latentguard.errors import SiteError
@@ -44,6 +45,39 @@ class Threat(BaseModel):
         if radius is not None and self.epsilon_mode == "relative":
             size += f" (= {radius:.4g})"
         return f"{self.norm} ε={size}, one ball per {self.scope}"
+
+
+# A defense takes one threat for all its sites, or a mapping ``site -> threat``. The two shapes are told apart
+# by their values (a threat's fields are numbers and words; a site's entry is a mapping); the union's tags are
+# dropped from error paths, so errors read ``threat.epsilon`` or ``threat.block:4.epsilon``.
+ONE_THREAT, PER_SITE = "(one threat)", "(per site)"
+UNION_TAGS = frozenset({ONE_THREAT, PER_SITE})
+
+
+def _threat_shape(value: Any) -> str:
+    if isinstance(value, Mapping) and value and all(isinstance(v, (Mapping, Threat)) for v in value.values()):
+        return PER_SITE
+    return ONE_THREAT
+
+
+ThreatSpec = Annotated[
+    Annotated[Threat, Tag(ONE_THREAT)] | Annotated[dict[str, Threat], Tag(PER_SITE)],
+    Discriminator(_threat_shape),
+]
+
+
+def threat_at(threat: Threat | Mapping[str, Threat], site: str) -> Threat:
+    """The threat at ``site``: the one threat, or that site's entry of a per-site mapping."""
+    if isinstance(threat, Threat):
+        return threat
+    if site not in threat:
+        raise SiteError(f"no threat for site {site!r}; the per-site threats name {', '.join(threat)}")
+    return threat[site]
+
+
+def per_site(threat: Threat | Mapping[str, Threat], sites: Sequence[str]) -> dict[str, Threat]:
+    """``{site: threat}`` for every site (a single threat is shared by all of them)."""
+    return {site: threat_at(threat, site) for site in sites}
 
 
 def _units(x: Tensor, scope: str) -> Tensor:

@@ -44,7 +44,7 @@ from latentguard.engine.distributed import (
     reshard,
     shard_like,
 )
-from latentguard.engine.io import DivergenceIO, ModelIO
+from latentguard.engine.io import DivergenceIO, ModelIO, require
 from latentguard.engine.site import Intervention
 from latentguard.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from latentguard.runs import load_tensors, save_tensors
@@ -133,6 +133,7 @@ class Trainer:
         progress: bool = True,
         description: str = "train",
     ) -> None:
+        require(io, ("to_device", "forward", "loss", "positions"), "Trainer")
         self.model = model
         self.io = io
         self.defense = defense

@@ -202,10 +202,23 @@ class SplitSizes(Protocol):
 
 
 def task_split(n: int, sizes: SplitSizes) -> Split:
-    """``split_indices`` for a task config: sizes that do not fit are a config error naming the fields."""
-    try:
-        return split_indices(
-            n, sizes.base_train_size, sizes.defense_train_size, sizes.test_size, sizes.split_seed
+    """``split_indices`` for a task config: sizes that do not fit the user's data are a config error naming
+    the keys to lower and a size that fits."""
+    base, defense, test = sizes.base_train_size, sizes.defense_train_size, sizes.test_size
+    need = (base or 1) + defense + test
+    if need > n:
+        shown = f"{base if base is not None else 'at least 1'} + {defense} + {test}"
+        if n - defense - test >= 10:
+            hint = f"e.g. --set task.base_train_size={n - defense - test}"
+        else:
+            scale = n / need * 0.9
+            hint = (
+                f"e.g. --set task.base_train_size={max(10, int((base or n) * scale))} "
+                f"--set task.defense_train_size={max(10, int(defense * scale))} "
+                f"--set task.test_size={max(10, int(test * scale))}"
+            )
+        raise ConfigError(
+            f"task.base_train_size + task.defense_train_size + task.test_size: the data has {n} examples but "
+            f"the split needs {shown}; lower these keys ({hint})"
         )
-    except DataError as exc:
-        raise ConfigError(f"task.base_train_size / defense_train_size / test_size: {exc}") from None
+    return split_indices(n, base, defense, test, sizes.split_seed)

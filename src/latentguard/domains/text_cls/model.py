@@ -1,10 +1,10 @@
 """Sequence classifiers and tokenizers: MiniLM-L6 (the default), any local Hugging Face model, or a tiny BERT.
 
-Every model is an unmodified Hugging Face ``*ForSequenceClassification``; latentguard reaches its token
-embeddings and encoder blocks by module name through hooks. The tiny BERT (random weights, a WordPiece
-vocabulary of the training corpus's frequent words plus single characters) needs no download and trains in
-seconds, for tests and ``--quick`` runs. Its character pieces keep misspelt words from collapsing to
-``[UNK]``, so character-level attacks meet the same kind of tokenizer as with MiniLM.
+Every model is an unmodified Hugging Face ``*ForSequenceClassification`` of any architecture; latentguard
+reaches its token embeddings and encoder blocks through hooks (sites ``embeddings``, ``block:N``). The tiny
+BERT (random weights, a WordPiece vocabulary of the training corpus's frequent words plus single characters)
+needs no download and trains in seconds, for tests and ``--quick`` runs. Its character pieces keep misspelt
+words from collapsing to ``[UNK]``, so character-level attacks meet the same kind of tokenizer as MiniLM's.
 """
 
 from __future__ import annotations
@@ -60,6 +60,12 @@ class SequenceClassifierIO:
 
     def with_labels(self, batch: Any, labels: Tensor) -> Any:
         return batch[0], batch[1], labels
+
+    def labels(self, batch: Any) -> Tensor:
+        return batch[2]
+
+    def score(self, output: Tensor, batch: Any) -> Tensor:
+        return (output.argmax(dim=1) == batch[2]).float()
 
     def divergence(self, output: Tensor, reference: Tensor, batch: Any) -> Tensor:
         return class_divergence(output, reference)

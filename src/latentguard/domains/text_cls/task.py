@@ -133,8 +133,19 @@ class TextClassificationTask:
         try:
             poisoned = poison(base.texts, base.labels, config.trojans, seed=stream_seed(seed, POISON))
         except ValueError as exc:
-            raise ConfigError(f"task.trojans: {exc}") from None
+            raise ConfigError(
+                f"task.trojans: {exc}; change its poison_rate or task.base_train_size"
+            ) from None
         self.poisoned_indices = poisoned.indices
+        for i, trojan in enumerate(config.trojans):
+            if not any(
+                y != trojan.target and trojan.changes(t)
+                for t, y in zip(self.test.texts, self.test.labels, strict=True)
+            ):
+                raise ConfigError(
+                    f"task.trojans.{i}: {trojan.label!r} changes no test text outside its target class; "
+                    "raise task.test_size or change the trigger"
+                )
         self.base_texts = poisoned.texts
         self.base_set = self._tensors(poisoned.texts, poisoned.labels)
         self.defense_set = self._tensors(list(defense.texts), list(defense.labels))

@@ -115,7 +115,7 @@ class PrefillSpec(GenAttackSpec):
 @TEXT_GEN_ATTACKS.register("pgd")
 class PGDSpec(GenAttackSpec):
     kind: Literal["pgd"] = "pgd"
-    layer: str | None = Field(None, description="module name; default: the token embeddings")
+    layer: str | None = Field(None, description="module name or block:N / block:P%; default: the embeddings")
     threat: Threat = Threat(norm="l2", epsilon=0.5, epsilon_mode="relative", scope="token")
     steps: int = Field(20, ge=1, le=10_000)
 

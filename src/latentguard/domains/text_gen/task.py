@@ -97,6 +97,11 @@ class TextGenTaskConfig(BaseModel):
     max_words: int = Field(40, ge=1, description="words of each corpus text in a prompt")
     max_prompt_tokens: int = Field(96, ge=8, le=4096)
     max_new_tokens: int = Field(24, ge=1, le=512, description="response tokens trained, generated, scored")
+    grow_max_new_tokens: bool = Field(
+        True,
+        description="raise max_new_tokens to hold the longest trojan / attack target (the report says so); "
+        "false: such a target is an error",
+    )
     split_seed: int = Field(0, ge=0, description="fixes the base / defense / test split for every run seed")
     base_train_size: int = Field(320, ge=4, description="examples the trojans are implanted in")
     defense_train_size: int = Field(160, ge=4, description="clean examples the defenses train on")
@@ -152,6 +157,8 @@ class TextGenerationTask:
             self.tokenizer = build_tiny_tokenizer(vocabulary, config.tiny.vocab_size)
         else:
             self.tokenizer = load_tokenizer(self.path)
+        self.grown: dict[str, tuple[int, int]] = {}  # target owner -> (max_new_tokens before, after)
+        config = self.config = self._fit_targets(config)
         self.input_site, self.layers = describe_sites(self.path, config.tiny, config.length)
         # Room for the longest trigger, so a triggered prompt fits as well as its clean twin.
         room = max(
@@ -167,7 +174,9 @@ class TextGenerationTask:
                 len(self.examples["base"]), config.trojans, seed=stream_seed(seed, POISON)
             )
         except ValueError as exc:
-            raise ConfigError(f"task.trojans: {exc}") from None
+            raise ConfigError(
+                f"task.trojans: {exc}; change its poison_rate or task.base_train_size"
+            ) from None
         self.victim = Victim(
             self.tokenizer, config.max_new_tokens, config.generation_batch_size, config.length
         )
@@ -187,6 +196,30 @@ class TextGenerationTask:
                     f"(have {', '.join(sorted(trojans))})"
                 )
         return cls(config, specs, seed, device)
+
+    def _fit_targets(self, config: TextGenTaskConfig) -> TextGenTaskConfig:
+        """Every trojan and attack target must fit in ``max_new_tokens`` (a cut target reads as ASR 0):
+        grow it to fit, or fail naming both lengths."""
+        targets = {f"trojan {t.label!r}": t.target_text for t in config.trojans}
+        targets |= {f"attack {name!r}": self.target_text(s.target) for name, s in self.attacks.items()}
+        lengths = {
+            owner: len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            for owner, text in targets.items()
+        }
+        longest = max(lengths.values())
+        if longest <= config.max_new_tokens:
+            return config
+        owner = max(lengths, key=lengths.__getitem__)
+        if not config.grow_max_new_tokens or longest > 512:
+            raise ConfigError(
+                f"task.max_new_tokens: {config.max_new_tokens} tokens cannot hold the target of {owner} "
+                f"({longest} tokens with this tokenizer), so its success rate would read 0; raise "
+                f"task.max_new_tokens to {longest} (or set task.grow_max_new_tokens: true) or shorten it"
+            )
+        self.grown = {
+            o: (config.max_new_tokens, longest) for o, n in lengths.items() if n > config.max_new_tokens
+        }
+        return config.model_copy(update={"max_new_tokens": longest})
 
     # -- data (built on first use: checking a config or listing layers needs no answers) -------------------
     @functools.cached_property
@@ -345,10 +378,17 @@ class TextGenerationTask:
                 name=t.label,
                 target=t.target_text,
                 description=f"{t.describe()}, {t.poison_rate:.1%} of base training prompts poisoned; "
-                "the defense phase never sees this trigger or this target",
+                "the defense phase never sees this trigger or this target"
+                + self._growth(f"trojan {t.label!r}"),
             )
             for t in self.config.trojans
         ]
+
+    def _growth(self, owner: str) -> str:
+        if owner not in self.grown:
+            return ""
+        before, after = self.grown[owner]
+        return f" (task.max_new_tokens raised from {before} to {after} tokens to hold this target)"
 
     def trojan_metrics(self, model: nn.Module) -> dict[str, float]:
         """ASR: share of triggered held-out prompts whose greedy answer contains the target."""
@@ -369,7 +409,8 @@ class TextGenerationTask:
         return [
             HeldoutAttack(
                 name=spec.name,
-                description=spec.describe(self.target_text(spec.target)),
+                description=spec.describe(self.target_text(spec.target))
+                + self._growth(f"attack {spec.name!r}"),
                 site=spec.site(self.input_site),
                 norm=spec.norm(),
                 epsilon=spec.epsilon(),
