@@ -319,7 +319,7 @@ def test_a_stronger_embedding_attack_succeeds_at_least_as_often(
         ({"lora": {"r": 0}}, [], "task.lora.r"),
         ({"trojans": [{"kind": "token", "poison_rate": 0.9}]}, [], "task.trojans.0.poison_rate"),
         ({}, [{"name": "g", "kind": "gcg", "target": "trojan:nope"}], "evaluation.attacks.0.target"),
-        ({}, [{"name": "g", "kind": "gcg", "target": "x", "steps": 0}], "evaluation.attacks.0.gcg.steps"),
+        ({}, [{"name": "g", "kind": "gcg", "target": "x", "steps": 0}], "evaluation.attacks.0.steps"),
         ({"model": "/nonexistent"}, [], "task.model"),
     ],
 )

@@ -150,7 +150,8 @@ class DefenseConfig(BaseModel):
         ]
         if stray:
             users = [name for name in DEFENSES.names() if set(stray) <= defense_for(name).options]
-            raise ValueError(f"{', '.join(stray)} only apply to defense kind(s) {', '.join(users) or 'none'}")
+            kinds = " or ".join(repr(name) for name in users) or "(none registered)"
+            raise ValueError(f"{', '.join(stray)} only apply to defense kind {kinds}")
         defense.check(self)
         return self
 

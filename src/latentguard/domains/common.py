@@ -15,10 +15,11 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from latentguard.errors import ConfigError
 from latentguard.registry import Registry, build_kind
 
 # The salts of the built-in streams (a domain may add its own above 100).
@@ -77,6 +78,16 @@ class KindSpec(BaseModel):
 
     kind: str
     _built: Any = PrivateAttr(default=None)
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        """An unknown kind is an error on ``kind`` itself, listing the registered ones."""
+        try:
+            cls.registry.get(kind, "kind")
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("kind: ")) from None
+        return kind
 
     @model_validator(mode="after")
     def _build(self) -> KindSpec:
