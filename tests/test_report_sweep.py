@@ -183,3 +183,17 @@ def test_several_held_out_attacks_get_a_pareto_plot_and_front_each(tmp_path: Pat
     spatial_front = next(line for line in fronts.splitlines() if "vs spatial alone" in line)
     assert "`lat@block2:eps=0.1`" in spatial_front and "`at:" not in spatial_front
     assert write_report(sweep_results(), tmp_path / "one")[-1].name == BY_LAYER_FILE  # one attack: no extra
+
+
+def test_verdict_compares_the_best_lat_and_at_at_matched_clean_accuracy() -> None:
+    results = sweep_results()
+    for record in results["records"]:  # the most robust LAT gives up clean accuracy: it may not compete
+        if record["defense"] == "lat@block1:eps=1":
+            record["metrics"]["clean"]["clean_accuracy"] = 0.5
+            record["metrics"]["heldout"]["pgd_linf"] = 0.99
+    section = _section(render_markdown(results), "Verdict: LAT against AT per threat")
+    row = next(line for line in section.splitlines() if line.startswith("| pgd_linf |"))
+    assert "lat@block1:eps=1" not in row  # excluded by the matched clean level, though the most robust
+    best_at = "`at:eps=0.25`"  # the only AT setting whose clean accuracy reaches the LAT family's level
+    assert best_at in row and row.rstrip(" |").endswith("3/3")
+    assert "| ASR patch |" in section and "positive value means LAT is better" in section

@@ -38,7 +38,16 @@ from latentguard.errors import ConfigError, SiteError
 from latentguard.evaluate import complete_evaluation, evaluate, missing_heldout
 from latentguard.preflight import fill_sites, preflight
 from latentguard.report import write_report
-from latentguard.results import HeldoutThreat, Metrics, MetricSpec, Record, Results, TrainingThreat, Trojan
+from latentguard.results import (
+    HeldoutThreat,
+    Metrics,
+    MetricSpec,
+    Record,
+    Results,
+    TrainingBudget,
+    TrainingThreat,
+    Trojan,
+)
 from latentguard.runs import (
     MetricLog,
     atomic_write_json,
@@ -255,8 +264,11 @@ class Pipeline:
             created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             seeds=cfg.seeds,
             provenance=read_json(self.run_dir / "provenance.json"),
-            trojans=[Trojan(name=t.name, description=t.description) for t in task.trojans()],
+            trojans=[
+                Trojan(name=t.name, description=t.description, distance=t.distance) for t in task.trojans()
+            ],
             training_threats=self._training_threats(task, radii),
+            input_budgets=self._input_budgets(),
             heldout_threats=self._heldout_threats(task),
             metrics=self._metric_table(task),
             defense_order=[d.name for d in cfg.defenses],
@@ -272,6 +284,20 @@ class Pipeline:
             resolved = {site: v["epsilon_abs"] for site, v in radii.get(defense.name, {}).items()}
             threats.append(TrainingThreat(defense=defense.name, description=spec.describe(resolved)))
         return threats
+
+    def _input_budgets(self) -> list[TrainingBudget]:
+        """The absolute input-space budgets defenses trained on (what a trojan's distance compares with)."""
+        budgets = []
+        for defense in self.config.defenses:
+            sites = defense.sites or ([self.input_site] if defense.defense.perturbs else [])
+            if not defense.defense.learns_threat or not any(
+                self.same_site(s, self.input_site) for s in sites
+            ):
+                continue
+            threat = defense.threat_at(next(s for s in sites if self.same_site(s, self.input_site)))
+            if threat.epsilon_mode == "absolute":
+                budgets.append(TrainingBudget(defense=defense.name, norm=threat.norm, epsilon=threat.epsilon))
+        return budgets
 
     def _seen_by(self, site: str, norm: str | None) -> list[str]:
         """Defenses whose training threat had this site (and norm, when the attack has one)."""

@@ -56,6 +56,17 @@ class Trojan(BaseModel):
 
     name: str
     description: str
+    distance: dict[str, float] | None = None  # mean input distance of triggered from clean, per norm
+
+
+class TrainingBudget(BaseModel):
+    """An input-space training threat's norm and radius, to set beside each trojan's distance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    defense: str
+    norm: str
+    epsilon: float
 
 
 class Record(BaseModel):
@@ -92,6 +103,7 @@ class Results(BaseModel):
     provenance: dict[str, Any] = Field(default_factory=dict)
     trojans: list[Trojan] = Field(default_factory=list)
     training_threats: list[TrainingThreat] = Field(default_factory=list)
+    input_budgets: list[TrainingBudget] = Field(default_factory=list)
     heldout_threats: list[HeldoutThreat] = Field(default_factory=list)
     metrics: list[MetricSpec]
     defense_order: list[str] = Field(default_factory=list)

@@ -24,6 +24,7 @@ class TrojanInfo:
     name: str
     target: str
     description: str
+    distance: dict[str, float] | None = None  # mean {"l2", "linf"} input distance of triggered from clean
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -135,18 +136,45 @@ def _heldout_section(results: dict) -> list[str]:
     return [*lines, *_table(("Threat", "Description", "Status"), rows, "lll"), ""]
 
 
+def _inside(distance: float | None, epsilon: float) -> str:
+    return "–" if distance is None else "yes" if distance <= epsilon else "no"
+
+
 def _trojan_section(results: dict) -> list[str]:
     trojans = results.get("trojans") or []
     lines = ["## Trojans", ""]
     if not trojans:
         return [*lines, "No trojans were implanted in this run.", ""]
-    rows = [(t.get("name", "?"), t.get("description", "")) for t in trojans]
+    budgets = results.get("input_budgets") or []
+    norms = sorted({b["norm"] for b in budgets} | {"l2", "linf"}, key=["l2", "linf"].index)
+    measured = any(t.get("distance") for t in trojans)
+    header = ["Trojan", "Description"] + [f"mean {n.upper().replace('LINF', 'L∞')} to clean" for n in norms]
+    header += (
+        [f"inside {b['defense']}'s {b['norm']} ε={b['epsilon']:g}?" for b in budgets] if measured else []
+    )
+    rows = []
+    for t in trojans:
+        distance = t.get("distance") or {}
+        row = [t.get("name", "?"), t.get("description", "")]
+        row += [_fmt_num(distance.get(n)) for n in norms]
+        if measured:
+            row += [_inside(distance.get(b["norm"]), b["epsilon"]) for b in budgets]
+        rows.append(row)
+    if not measured:
+        header, rows = header[:2], [row[:2] for row in rows]
+    note = (
+        " The distance columns are the mean over test images of the input-space distance between a triggered"
+        " image and its clean version; *inside* says whether that mean lies within an AT defense's training"
+        " ball, i.e. whether AT's threat model could contain the trigger."
+        if measured
+        else ""
+    )
     return [
         *lines,
         "Implanted by poisoning the base model's training data; ASR is measured on triggered inputs whose"
-        " true label differs from the target (lower is better).",
+        " true label differs from the target (lower is better)." + note,
         "",
-        *_table(("Trojan", "Description"), rows, "ll"),
+        *_table(header, rows, "l" * len(header)),
         "",
     ]
 
@@ -288,6 +316,86 @@ def _sanity_section(results: dict) -> list[str]:
     return lines
 
 
+def _by_seed(results: dict, defense: str, key: MetricKey) -> dict[Any, float]:
+    """``{seed: value}`` of one defense's metric."""
+    values = {}
+    for r in _records(results):
+        value = _value(r, key)
+        if str(r.get("defense")) == defense and value is not None:
+            values[r.get("seed")] = value
+    return values
+
+
+VERDICT = ("lat", "at")  # the comparison the verdict table makes: latent against input-space AT
+MATCH_TOLERANCE = 0.01  # clean accuracy a setting may lose against the matched level and still compete
+
+
+def _verdict_section(results: dict) -> list[str]:
+    """Per held-out threat and trojan: the best LAT against the best AT at matched clean accuracy, by seed.
+
+    Matched: both families compete only with settings whose mean clean metric is at least the lower of the
+    two families' best clean means (minus ``MATCH_TOLERANCE``), so neither wins by giving up clean accuracy.
+    """
+    clean = _clean_metric(results)
+    kinds = _kinds(results)
+    families = {kind: [d for d in _defenses(results) if kinds.get(d) == kind] for kind in VERDICT}
+    if clean is None or not all(families.values()):
+        return []
+    summary = summarize(_records(results))
+
+    def mean(defense: str, key: MetricKey) -> float | None:
+        stat = summary.get(defense, {}).get(key)
+        return None if stat is None else stat["mean"]
+
+    def clean_of(defense: str) -> float:
+        value = mean(defense, clean.key)
+        return -math.inf if value is None else value
+
+    level = min(max(clean_of(d) for d in ds) for ds in families.values()) - MATCH_TOLERANCE
+    eligible = {k: [d for d in ds if clean_of(d) >= level] for k, ds in families.items()}
+    rows = []
+    for m in _metrics(results):
+        if m.group not in ("heldout", "latent", "seen", "trojan") or m.higher_is_better is None:
+            continue
+        sign = 1.0 if m.higher_is_better else -1.0
+        best = {}
+        for kind, names in eligible.items():
+            scored = [(sign * v, d) for d in names if (v := mean(d, m.key)) is not None]
+            if scored:
+                best[kind] = max(scored)[1]
+        if len(best) < 2:
+            continue
+        lat, at = (best[k] for k in VERDICT)
+        mine, theirs = _by_seed(results, lat, m.key), _by_seed(results, at, m.key)
+        diffs = [sign * (mine[s] - theirs[s]) for s in mine if s in theirs]
+        if not diffs:
+            continue
+        stat = _stats(diffs)
+        rows.append(
+            [
+                m.label,
+                f"`{lat}` {mean(lat, m.key):.3f}",
+                f"`{at}` {mean(at, m.key):.3f}",
+                f"{stat['mean']:+.3f} ± {stat['std']:.3f}" if stat["n"] > 1 else f"{stat['mean']:+.3f}",
+                f"{sum(d > 0 for d in diffs)}/{len(diffs)}",
+            ]
+        )
+    if not rows:
+        return []
+    return [
+        "## Verdict: LAT against AT per threat",
+        "",
+        f"For each held-out threat and trojan, the best `{VERDICT[0]}` setting against the best"
+        f" `{VERDICT[1]}` setting among those whose mean {clean.label} is at least {level:.3f} (the lower"
+        f" of the two families' best, minus {MATCH_TOLERANCE:g}). *LAT − AT* is the paired per-seed difference, signed"
+        " so that a positive value means LAT is better (higher robustness, lower ASR), mean ± sample std;"
+        " *LAT ahead* counts the seeds where it is positive.",
+        "",
+        *_table(["Threat", "best LAT", "best AT", "LAT − AT", "LAT ahead"], rows, "lllrr"),
+        "",
+    ]
+
+
 def _entrenchment_section(results: dict) -> list[str]:
     """Each defense's trojan ASR minus the undefended model's, paired by seed (both start from its base)."""
     kinds = _kinds(results)
@@ -297,12 +405,7 @@ def _entrenchment_section(results: dict) -> list[str]:
         return []
 
     def by_seed(defense: str, key: MetricKey) -> dict[Any, float]:
-        values = {}
-        for r in _records(results):
-            value = _value(r, key)
-            if str(r.get("defense")) == defense and value is not None:
-                values[r.get("seed")] = value
-        return values
+        return _by_seed(results, defense, key)
 
     rows, above_reference = [], []
     for defense in _defenses(results):
@@ -490,6 +593,7 @@ def render_markdown(results: dict, plots: Sequence[str | Path] | None = None) ->
         _heldout_section(results),
         _trojan_section(results),
         _results_section(results, summary),
+        _verdict_section(results),
         _entrenchment_section(results),
         _pareto_section(results),
         _attack_stats_section(results),

@@ -21,6 +21,7 @@ from latentguard.domains.image.attacks import AttackOutcome, ImageAttackSpec, ru
 from latentguard.domains.image.data import DEFAULT_DATA_DIR
 from latentguard.domains.image.datasets import ImageData, load_image_data
 from latentguard.domains.image.model import STAGES
+from latentguard.domains.image.natural_triggers import trigger_distance
 from latentguard.domains.image.trojans import ImageTrojan, attack_success_rate, poison
 from latentguard.engine.io import ClassifierIO
 from latentguard.engine.trainer import TrainConfig
@@ -109,6 +110,9 @@ def model_layers(model: nn.Module) -> tuple[str, ...]:
     return tuple(children[:-1] if len(children) > 1 else children)
 
 
+DISTANCE_IMAGES = 1000  # test images over which a trigger's pixel distance is averaged
+
+
 class ImageTask:
     """Any image classifier and data, with trojans implanted in the base model's training data."""
 
@@ -195,12 +199,14 @@ class ImageTask:
 
     def trojans(self) -> list[TrojanInfo]:
         names = self.data.class_names
+        clean = self.test_images[:DISTANCE_IMAGES]
         return [
             TrojanInfo(
                 name=t.label,
                 target=names[t.target],
                 description=f"{t.kind} trigger → class {t.target} ({names[t.target]}), "
                 f"{t.poison_rate:.1%} of base training data poisoned",
+                distance=dict(trigger_distance(clean, t.apply(clean))),
             )
             for t in self.config.trojans
         ]
