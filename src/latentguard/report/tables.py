@@ -388,8 +388,8 @@ def _verdict_section(results: dict) -> list[str]:
         f"For each held-out threat and trojan, the best `{VERDICT[0]}` setting against the best"
         f" `{VERDICT[1]}` setting among those whose mean {clean.label} is at least {level:.3f} (the lower"
         f" of the two families' best, minus {MATCH_TOLERANCE:g}). *LAT − AT* is the paired per-seed"
-        " difference, signed so that a positive value means LAT is better (higher robustness, lower ASR), mean ± sample std;"
-        " *LAT ahead* counts the seeds where it is positive.",
+        " difference, signed so that a positive value means LAT is better (higher robustness, lower ASR),"
+        " mean ± sample std; *LAT ahead* counts the seeds where it is positive.",
         "",
         *_table(["Threat", "best LAT", "best AT", "LAT − AT", "LAT ahead"], rows, "lllrr"),
         "",
