@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import flat_metrics
 from hf_tiny import save_causal_lm, save_classifier, write_news_csv
 
 from latentguard.cli import main
@@ -77,7 +78,7 @@ def test_text_cls_runs_on_other_encoders(
     res = results(out)
     assert [r["defense"] for r in res["records"]] == ["none", "clean", "at", "lat", "rlat"]
     assert {"latent/block:20%", "latent/block:50%", "robust/pwws", "asr/word"} <= set(
-        res["records"][0]["metrics"]
+        flat_metrics(res["records"][0]["metrics"])
     )
     seen = {t["name"]: t["seen_by"] for t in res["heldout_threats"]}
     assert seen["latent/block:20%"] == [] and seen["latent/block:50%"] == ["lat"]  # block 0 vs block 1 of 2
@@ -95,7 +96,7 @@ def test_text_gen_runs_on_other_decoders(
     assert main(["run", *argv, "--out", str(out)]) == 0
     res = results(out)
     assert [r["defense"] for r in res["records"]] == ["none", "clean", "at", "lat", "rlat", "tlat"]
-    metrics = res["records"][-1]["metrics"]
+    metrics = flat_metrics(res["records"][-1]["metrics"])
     assert {"latent/block:14%", "robust/gcg_deployment", "asr/deployment", "clean_agreement"} <= set(metrics)
     seen = {t["name"]: t["seen_by"] for t in res["heldout_threats"]}
     assert seen["latent/block:14%"] == ["lat", "tlat"]  # block:14% and block:27% are both block 0 of 2
