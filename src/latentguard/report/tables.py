@@ -26,6 +26,7 @@ from latentguard.report.stats import (
     _clean_metric,
     _defenses,
     _kinds,
+    _Metric,
     _metrics,
     _number,
     _records,
@@ -330,6 +331,22 @@ VERDICT = ("lat", "at")  # the comparison the verdict table makes: latent agains
 MATCH_TOLERANCE = 0.01  # clean accuracy a setting may lose against the matched level and still compete
 
 
+def _reach(results: dict, metric: _Metric) -> str:
+    """For a trojan: whether its trigger lies inside the largest input-space ball an AT defense trained in."""
+    if metric.group != "trojan":
+        return ""
+    trojan = next((t for t in results.get("trojans") or [] if t.get("name") == metric.key[1]), {})
+    distance = trojan.get("distance") or {}
+    widest: dict[str, float] = {}
+    for budget in results.get("input_budgets") or []:
+        widest[budget["norm"]] = max(widest.get(budget["norm"], 0.0), budget["epsilon"])
+    inside = [norm for norm, eps in widest.items() if norm in distance and distance[norm] <= eps]
+    known = [norm for norm in widest if norm in distance]
+    if not known:
+        return ""
+    return " (inside AT's largest ball)" if inside else " (outside every AT ball)"
+
+
 def _verdict_section(results: dict) -> list[str]:
     """Per held-out threat and trojan: the best LAT against the best AT at matched clean accuracy, by seed.
 
@@ -373,7 +390,7 @@ def _verdict_section(results: dict) -> list[str]:
         stat = _stats(diffs)
         rows.append(
             [
-                m.label,
+                m.label + _reach(results, m),
                 f"`{lat}` {mean(lat, m.key):.3f}",
                 f"`{at}` {mean(at, m.key):.3f}",
                 f"{stat['mean']:+.3f} ± {stat['std']:.3f}" if stat["n"] > 1 else f"{stat['mean']:+.3f}",
@@ -389,7 +406,9 @@ def _verdict_section(results: dict) -> list[str]:
         f" `{VERDICT[1]}` setting among those whose mean {clean.label} is at least {level:.3f} (the lower"
         f" of the two families' best, minus {MATCH_TOLERANCE:g}). *LAT − AT* is the paired per-seed"
         " difference, signed so that a positive value means LAT is better (higher robustness, lower ASR),"
-        " mean ± sample std; *LAT ahead* counts the seeds where it is positive.",
+        " mean ± sample std; *LAT ahead* counts the seeds where it is positive. A trojan is *inside AT's"
+        " largest ball* when its trigger's mean input distance from the clean image is within the largest"
+        " input-space budget an AT defense trained at (Trojans section).",
         "",
         *_table(["Threat", "best LAT", "best AT", "LAT − AT", "LAT ahead"], rows, "lllrr"),
         "",
