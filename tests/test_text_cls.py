@@ -146,7 +146,7 @@ def test_task_batches_sites_and_padding_mask(task: TextClassificationTask) -> No
 
 def test_config_mistakes_name_the_field(synthetic_csv: Path) -> None:
     bad = section(synthetic_csv, trojans=[{"kind": "style", "target": 0, "poison_rate": 0.1, "trigger": "x"}])
-    with pytest.raises(ConfigError, match=r"task.trojans.0.*trigger do\(es\) not apply"):
+    with pytest.raises(ConfigError, match=r"task.trojans.0: style.trigger: unknown key"):
         build_task(bad, [], 0, "cpu")
     with pytest.raises(ConfigError, match=r"task.trojans.0.target: 7 is not a class"):
         build_task(

@@ -233,7 +233,7 @@ def _check_budget(adversarial: Tensor, clean: Tensor, spec: ImageAttackSpec) -> 
     if not isinstance(adversarial, Tensor) or adversarial.shape != clean.shape:
         got = tuple(adversarial.shape) if isinstance(adversarial, Tensor) else type(adversarial).__name__
         raise RuntimeError(f"attack {spec.name!r} returned {got}, expected images of {tuple(clean.shape)}")
-    norm, epsilon = attack.threat_class, attack.epsilon
+    norm, epsilon = getattr(attack, "threat_class", None), getattr(attack, "epsilon", None)
     if norm in _NORM_NAMES and epsilon is not None:
         delta = (adversarial - clean).flatten(1)
         size = delta.abs().amax(dim=1) if norm == "linf" else delta.norm(dim=1)

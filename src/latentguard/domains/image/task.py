@@ -224,8 +224,8 @@ class ImageTask:
                 description=spec.describe(),
                 site=self.input_site,
                 norm=spec.attack.threat_class,  # not l2/linf (spatial, a plugin's): held out for all
-                epsilon=spec.attack.epsilon,
-                black_box=spec.attack.black_box,
+                epsilon=getattr(spec.attack, "epsilon", None),  # both optional for an attack (extending.md)
+                black_box=getattr(spec.attack, "black_box", False),
             )
             for spec in self.attacks.values()
         ]
