@@ -36,6 +36,20 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _resume_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue a run folder: what its config.yaml no longer matches is redone, the rest kept",
+    )
+    parser.add_argument(
+        "--strict-resume",
+        action="store_true",
+        help="with --resume: refuse (naming what changed) instead of redoing units made with another config",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentguard",
@@ -50,11 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = add("run", help="implant → defenses → held-out evaluation → report")
     _config_args(run)
-    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run folder")
+    _resume_args(run)
 
     train = add("train", help="implant trojans and train the defenses, without evaluation")
     _config_args(train)
-    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run folder")
+    _resume_args(train)
 
     evaluate = add("eval", help="(re)evaluate the trained models of a run folder and report")
     evaluate.add_argument("run_dir", type=Path)
@@ -108,8 +122,16 @@ def _command(args: argparse.Namespace) -> int:
             config = pipeline.resume_config(args.resume)
             if args.no_progress:
                 config = config.model_copy(update={"progress": False})
-            run_dir = pipeline.run(config, args.resume, resume=True, train_only=args.command == "train")
+            run_dir = pipeline.run(
+                config,
+                args.resume,
+                resume=True,
+                train_only=args.command == "train",
+                strict_resume=args.strict_resume,
+            )
         else:
+            if args.strict_resume:
+                raise UserError("--strict-resume goes with --resume RUN_DIR")
             config = load_config(args.config, [*args.overrides, *_progress(args)], quick=args.quick)
             run_dir = pipeline.run(config, args.out, train_only=args.command == "train")
         print(f"run folder: {run_dir}")
@@ -122,7 +144,9 @@ def _command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "report":
         from latentguard.report import render_run
+        from latentguard.results_check import check_results
 
+        check_results(args.run_dir)  # an unfinished run, or results that lack what the report needs
         for path in render_run(args.run_dir):
             print(path)
         return 0
@@ -148,18 +172,28 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from latentguard.signals import Interrupted, sigterm_interrupts
+    from latentguard.storage import describe, storage_errno
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _command(args)
+        with sigterm_interrupts():
+            return _command(args)
     except UserError as exc:
         if args.debug:
             raise
         print(f"latentguard: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("latentguard: interrupted; continue with --resume RUN_DIR", file=sys.stderr)
-        return 130
+    except OSError as exc:  # a full disk or a read-only folder outside a run (a run names its folder itself)
+        if args.debug or storage_errno(exc) is None:
+            raise
+        print(f"latentguard: error: {describe(exc, None)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as exc:
+        stopped = exc if isinstance(exc, Interrupted) else Interrupted()
+        print(stopped.message(), file=sys.stderr)
+        return stopped.exit_code
 
 
 if __name__ == "__main__":

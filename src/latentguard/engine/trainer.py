@@ -202,6 +202,7 @@ class Trainer:
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
         progress: bool = True,
         description: str = "train",
+        stamp: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.io = io
@@ -218,6 +219,7 @@ class Trainer:
         self.evaluate = evaluate
         self.progress = progress
         self.description = description
+        self.stamp = stamp or {}  # extra checkpoint metadata (the run's record of the config it came from)
         self.attack: LatentAttack | None = None
         if defense.kind in PERTURBING:
             assert defense.threat is not None
@@ -290,6 +292,7 @@ class Trainer:
             "optim_scalars": scalars,
             "schedule": self.schedule.state_dict(),
             "unit_sizes": self.attack.unit_sizes if self.attack else {},
+            **self.stamp,
         }
         save_tensors(self.checkpoint, tensors, _jsonable(metadata))
 
