@@ -234,7 +234,12 @@ class Pipeline:
             task = self.task(seed)
             for defense in self.config.defenses:
                 out = self.seed_dir(seed) / defense.name / "eval.json"
-                if out.exists() and not force and self._complete_evaluation(task, seed, defense, out):
+                if (
+                    out.exists()
+                    and not force
+                    and self._trained(seed, defense)
+                    and self._complete_evaluation(task, seed, defense, out)
+                ):
                     continue
                 model = self.train_defense(task, seed, defense)
                 self.stage = f"seed {seed}: evaluating {defense.name}"
@@ -261,6 +266,24 @@ class Pipeline:
         atomic_write_json(out, completed)
         self.log.write({"phase": f"seed-{seed}/{defense.name}/eval", **_numbers(completed["metrics"])})
         return True
+
+    def _trained(self, seed: int, defense: DefenseSpec) -> bool:
+        """Whether the base model and ``defense``'s model are saved, fit the config and have whole records
+        (checked without loading them); what does not is removed, to be redone."""
+        folder, base = self.seed_dir(seed) / defense.name, self.seed_dir(seed) / "base"
+        return self._unit_done(
+            base.with_suffix(".safetensors"),
+            base.with_suffix(".json"),
+            base_fingerprint(self.config, seed),
+            BASE_RECORD,
+            base.with_suffix(".checkpoint.safetensors"),
+        ) and self._unit_done(
+            folder / "model.safetensors",
+            folder / "train.json",
+            defense_fingerprint(self.config, seed, defense),
+            TRAIN_RECORD,
+            folder / "checkpoint.safetensors",
+        )
 
     def _saved_evaluation(self, out: Path, fingerprint: Fingerprint) -> dict[str, Any] | None:
         """The saved evaluation with the metrics of attacks edited or removed since dropped (so they run
