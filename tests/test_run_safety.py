@@ -301,3 +301,28 @@ def test_sigterm_in_base_training_prints_where_and_resume_matches(tmp_path: Path
     assert resumed.returncode == 0, resumed.stderr
     for defense, metrics in _records(finished).items():
         assert _records(run_dir)[defense] == pytest.approx(metrics, abs=1e-6), defense
+
+
+# -- 4. evaluation progress ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_evaluation_shows_a_bar_per_model_over_its_attacks_unless_disabled(
+    capsys: pytest.CaptureFixture[str], progress: bool
+) -> None:
+    from blobs_task import BlobConfig, BlobTask
+
+    from latentguard.config import DefenseSpec, EvaluationConfig
+    from latentguard.engine.attack import PGDConfig
+    from latentguard.evaluate import evaluate
+
+    task = BlobTask(BlobConfig(), seed=0, device="cpu")
+    pgd = PGDConfig(steps=2)
+    config = EvaluationConfig(latent_layers=["stem", "block"], latent_pgd=pgd, latent_examples=32)
+    model = task.build_model()
+    evaluate(model, task, config, DefenseSpec(name="none", kind="none"), 0, progress=progress)
+    err = capsys.readouterr().err
+    if progress:
+        assert "seed 0 none eval" in err and "latent/block" in err and "4/5" in err and "sanity" in err
+    else:
+        assert err == ""

@@ -243,7 +243,9 @@ class Pipeline:
                     continue
                 model = self.train_defense(task, seed, defense)
                 self.stage = f"seed {seed}: evaluating {defense.name}"
-                evaluation = evaluate(model, task, self.config.evaluation, defense, seed)
+                evaluation = evaluate(
+                    model, task, self.config.evaluation, defense, seed, progress=self.config.progress
+                )
                 fingerprint = evaluation_fingerprint(self.config, seed, defense)
                 atomic_write_json(out, {**asdict(evaluation), "fingerprint": fingerprint.record()})
                 self.log.write({"phase": f"seed-{seed}/{defense.name}/eval", **_numbers(evaluation.metrics)})
@@ -260,7 +262,10 @@ class Pipeline:
         saved.pop("stale", None)
         model = self.train_defense(task, seed, defense)
         self.stage = f"seed {seed}: evaluating {defense.name} (held-out attacks added or edited)"
-        completed = complete_evaluation(model, task, saved, seed)
+        bar = f"seed {seed} {defense.name} eval"
+        completed = complete_evaluation(
+            model, task, saved, seed, progress=self.config.progress, description=bar
+        )
         if "fingerprint" in saved:  # a record from before fingerprints stays without one
             completed["fingerprint"] = fingerprint.record()
         atomic_write_json(out, completed)
