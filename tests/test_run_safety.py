@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +326,91 @@ def test_evaluation_shows_a_bar_per_model_over_its_attacks_unless_disabled(
         assert "seed 0 none eval" in err and "latent/block" in err and "4/5" in err and "sanity" in err
     else:
         assert err == ""
+
+
+# -- 6. a full disk, a read-only folder ---------------------------------------------------------------------
+
+
+def test_full_disk_ends_in_one_line_no_torn_file_and_resume_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], finished: Path
+) -> None:
+    from safetensors import SafetensorError
+
+    import latentguard.runs
+    from latentguard.cli import main
+
+    real_save = latentguard.runs.save_file
+
+    def full_disk(tensors: dict[str, Any], filename: str, metadata: dict[str, str]) -> None:
+        if f"{os.sep}lat{os.sep}" in filename:  # the disk fills up while lat trains
+            Path(filename).write_bytes(b"\0" * 100)  # a partial write, then the error safetensors raises
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(latentguard.runs, "save_file", full_disk)
+    run_dir = tmp_path / "full"
+    assert main(["run", *TINY, "--out", str(run_dir)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == (
+        f"latentguard: error: {run_dir}/seed-0/lat: cannot write (No space left on device); free space "
+        f"(or make the folder writable), then: latentguard run --resume {run_dir}"
+    )
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]  # no torn file
+    assert not (run_dir / "seed-0" / "lat" / "checkpoint.safetensors").exists()
+
+    monkeypatch.undo()  # space freed
+    resumed = _run("run", "--resume", str(run_dir), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    for defense, metrics in _records(finished).items():
+        assert _records(run_dir)[defense] == pytest.approx(metrics, abs=1e-6), defense
+
+
+def test_read_only_folder_report_is_one_line(
+    copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+    import tempfile
+
+    from latentguard.cli import main
+
+    def read_only(*args: Any, dir: str | None = None, **kwargs: Any) -> Any:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(dir or "", ".report.md.tmp"))
+
+    report = (copy / "report.md").read_bytes()
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert main(["report", str(copy)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == f"latentguard: error: {copy}: cannot write (Read-only file system)"
+    assert (copy / "report.md").read_bytes() == report
+
+
+@pytest.fixture
+def mount_point(tmp_path: Path) -> Iterator[Path]:
+    """A small tmpfs of our own (root with CAP_SYS_ADMIN only); unmounted afterwards."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(point)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root with CAP_SYS_ADMIN")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def test_read_only_run_folder_on_resume_and_as_out_is_one_line(mount_point: Path, finished: Path) -> None:
+    run_dir = mount_point / "run"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "results.json").unlink()  # something left to do
+    subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+    resumed = _run("run", "--resume", str(run_dir))
+    assert resumed.returncode == 2
+    line = _one_error_line(resumed.stderr)
+    assert f"{run_dir}: cannot write (Read-only file system)" in line
+    assert f"then: latentguard run --resume {run_dir}" in line
+    fresh = _run("run", "--quick", "--out", str(mount_point / "new"))
+    assert fresh.returncode == 2
+    assert _one_error_line(fresh.stderr) == (
+        f"latentguard: error: {mount_point}: cannot write (Read-only file system); free space, make the "
+        "folder writable or choose another --out"
+    )
