@@ -328,12 +328,11 @@ class Pipeline:
     ) -> bool:
         """Whether a unit's saved weights can be used as they are. Weights made with another config, or
         whose record is damaged, are removed (with their checkpoint) so the unit is redone; a checkpoint
-        made with another config is removed too."""
+        made with another config is removed too. Every process decides alike from the same files; barriers
+        are met only when something is removed (the main process evaluates alone, with no one to meet)."""
         if not weights.exists():
-            stale = checkpoint.exists() and not self.units.weights_fit(checkpoint, fingerprint)
-            if stale and is_main_process():
-                remove(checkpoint)
-            wait_for_everyone()
+            if checkpoint.exists() and not self.units.weights_fit(checkpoint, fingerprint):
+                _remove_together(checkpoint)
             return False
         stale = not self.units.weights_fit(weights, fingerprint)
         if not stale:
@@ -344,10 +343,8 @@ class Pipeline:
             if stale:
                 unit = self.units.name(weights)
                 note(f"{self.units.name(record)}: damaged or missing record; redoing {unit}")
-        wait_for_everyone()  # every process has decided before the main one removes anything
-        if stale and is_main_process():
-            remove(weights, record, checkpoint)
-        wait_for_everyone()
+        if stale:
+            _remove_together(weights, record, checkpoint)
         return not stale
 
     # -- results -------------------------------------------------------------------------------------------
@@ -528,6 +525,14 @@ def _refuse_stale(config: RunConfig, run_dir: Path) -> None:
             f"--strict-resume: {len(stale)} saved unit(s) were made with another config: {shown}; resume "
             "without --strict-resume to redo them and what depends on them, or undo the edit"
         )
+
+
+def _remove_together(*paths: Path) -> None:
+    """The main process removes ``paths`` once every process has looked at them; no one goes on before."""
+    wait_for_everyone()
+    if is_main_process():
+        remove(*paths)
+    wait_for_everyone()
 
 
 def note(message: str) -> None:
