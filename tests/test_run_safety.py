@@ -414,3 +414,23 @@ def test_read_only_run_folder_on_resume_and_as_out_is_one_line(mount_point: Path
         f"latentguard: error: {mount_point}: cannot write (Read-only file system); free space, make the "
         "folder writable or choose another --out"
     )
+
+
+def test_ctrl_c_names_the_real_folder_and_stage(tmp_path: Path) -> None:
+    from latentguard.signals import Interrupted, interruptible
+
+    run_dir = tmp_path / "my run"
+    with pytest.raises(Interrupted) as stopped, interruptible(lambda: (run_dir, "starting"), "train"):
+        raise KeyboardInterrupt  # before the folder holds a run: nothing to resume
+    before = "latentguard: stopped by SIGINT (starting), before the run folder held a run"
+    assert stopped.value.message() == before
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("name: x\n")
+    stage = "seed 1: evaluating lat"
+    with pytest.raises(Interrupted) as stopped, interruptible(lambda: (run_dir, stage), "train"):
+        raise KeyboardInterrupt
+    assert stopped.value.exit_code == 130
+    assert stopped.value.message() == (
+        f"latentguard: stopped by SIGINT (seed 1: evaluating lat); continue with: latentguard train --resume "
+        f"'{run_dir}'"
+    )
