@@ -11,6 +11,7 @@ folder, and it evaluates and reports alone once everything is trained (the other
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
 import time
 import zlib
@@ -59,7 +60,7 @@ from latentguard.runs import (
     provenance,
     read_json,
 )
-from latentguard.signals import interruptible, resume_command
+from latentguard.signals import interruptible
 from latentguard.storage import storage_errors
 
 CONFIG_FILE = "config.yaml"
@@ -496,7 +497,7 @@ def run(
             assert run_dir is not None
         else:
             run_dir = _start_everywhere(config, run_dir)
-        with _locked(run_dir, verb):
+        with _locked(run_dir):
             if resume and strict_resume:
                 _refuse_stale(config, run_dir)
             pipeline = Pipeline(config, run_dir)
@@ -510,11 +511,11 @@ def run(
     return run_dir
 
 
-def _locked(run_dir: Path, verb: str) -> contextlib.AbstractContextManager[None]:
+def _locked(run_dir: Path) -> contextlib.AbstractContextManager[None]:
     """The run folder's lock (main process only: the launcher's other processes work beside it)."""
     if not is_main_process():
         return contextlib.nullcontext()
-    return run_lock(run_dir, f"{resume_command(run_dir, verb)} (as {' '.join(sys.argv[:1])})")
+    return run_lock(run_dir, " ".join(["latentguard", *map(shlex.quote, sys.argv[1:])]))
 
 
 def _refuse_stale(config: RunConfig, run_dir: Path) -> None:
@@ -572,7 +573,7 @@ def reevaluate(run_dir: Path) -> Path:
     def where() -> tuple[Path | None, str]:
         return run_dir, pipeline.stage if pipeline else "starting"
 
-    with interruptible(where, "eval"), storage_errors(lambda: run_dir, "eval"), _locked(run_dir, "eval"):
+    with interruptible(where, "eval"), storage_errors(lambda: run_dir, "eval"), _locked(run_dir):
         pipeline = Pipeline(config, run_dir)
         try:
             _train_evaluate_report(pipeline, force=True)
