@@ -72,6 +72,20 @@ def _parallel_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _resume_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue a run folder: what its config.yaml no longer matches is redone, the rest kept",
+    )
+    parser.add_argument(
+        "--strict-resume",
+        action="store_true",
+        help="with --resume: refuse (naming what changed) instead of redoing units made with another config",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentguard",
@@ -86,12 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = add("run", help="implant → defenses → held-out evaluation → report")
     _config_args(run)
-    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run folder")
+    _resume_args(run)
     _parallel_args(run)
 
     train = add("train", help="implant trojans and train the defenses, without evaluation")
     _config_args(train)
-    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run folder")
+    _resume_args(train)
 
     evaluate = add("eval", help="(re)evaluate the trained models of a run folder and report")
     evaluate.add_argument("run_dir", type=Path)
@@ -194,8 +208,16 @@ def _command(args: argparse.Namespace) -> int:
             config = _resumed(args)
             if _spread(args):
                 return _run_parallel(args, config, args.resume, resume=True)
-            run_dir = pipeline.run(config, args.resume, resume=True, train_only=args.command == "train")
+            run_dir = pipeline.run(
+                config,
+                args.resume,
+                resume=True,
+                train_only=args.command == "train",
+                strict_resume=args.strict_resume,
+            )
         else:
+            if args.strict_resume:
+                raise UserError("--strict-resume goes with --resume RUN_DIR")
             overrides = [*args.overrides, *_progress(args)]
             config = load_config(args.config, overrides, quick=args.quick, plugins=args.plugins)
             if _spread(args):
@@ -215,7 +237,7 @@ def _command(args: argparse.Namespace) -> int:
         if not (args.run_dir / "results.json").exists() and (args.run_dir / pipeline.CONFIG_FILE).exists():
             from latentguard.parallel import report_run
 
-            print(report_run(args.run_dir))
+            print(report_run(args.run_dir))  # all points done (shards): the report; else what is missing
             return 0
         for path in render_run(args.run_dir):
             print(path)
@@ -280,18 +302,28 @@ def _layers(config: RunConfig, *, every: bool) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from latentguard.signals import Interrupted, sigterm_interrupts
+    from latentguard.storage import describe, storage_errno
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _command(args)
+        with sigterm_interrupts():
+            return _command(args)
     except UserError as exc:
         if args.debug:
             raise
         print(f"latentguard: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("latentguard: interrupted; continue with --resume RUN_DIR", file=sys.stderr)
-        return 130
+    except OSError as exc:  # a full disk or a read-only folder outside a run (a run names its folder itself)
+        if args.debug or storage_errno(exc) is None:
+            raise
+        print(f"latentguard: error: {describe(exc, None)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as exc:
+        stopped = exc if isinstance(exc, Interrupted) else Interrupted()
+        print(stopped.message(), file=sys.stderr)
+        return stopped.exit_code
 
 
 if __name__ == "__main__":

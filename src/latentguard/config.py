@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from latentguard.config_checks import DuplicateKeyError, load_yaml, reject_nonfinite
 from latentguard.defenses.base import DefenseConfig
 from latentguard.engine.attack import PGDConfig
 from latentguard.engine.threat import UNION_TAGS, Threat
@@ -135,7 +136,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. training.steps=100")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"--set {text!r}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc.__class__.__name__})") from exc
     return key.strip().split("."), value
@@ -182,7 +185,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__})") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -216,18 +221,23 @@ def load_config(
         raise ConfigError("plugins: expected a list of module names, e.g. [my_package.plugins]")
     raw["plugins"] = list(dict.fromkeys([*modules, *plugins]))
     load_plugins(raw["plugins"])
+    reject_nonfinite(raw)  # `.inf` / `.nan` in YAML, before anything is built from them
     try:
-        return RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    reject_nonfinite(config)  # also "inf" / "nan" strings that a float field parsed
+    return config
 
 
 def validate_section(model: type[BaseModel], data: Any, prefix: str) -> Any:
     """Validate a domain-owned section, naming fields from the config root in errors."""
     try:
-        return model.model_validate(data)
+        valid = model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, prefix)) from None
+    reject_nonfinite(valid, prefix)
+    return valid
 
 
 def validate_attacks(kinds: type[BaseModel] | Registry[Any], attacks: list[Any]) -> list[Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from latentguard.config import DefenseSpec, EvaluationConfig
 from latentguard.domains.base import Task
@@ -123,38 +124,74 @@ def sanity_attack(defense: DefenseSpec, task: Task, config: EvaluationConfig) ->
     return LatentAttack([layer], config.latent_threat, config.latent_pgd)
 
 
+def progress_bar(total: int, description: str, enabled: bool) -> tqdm:
+    """An evaluation's bar, one tick per metric group or attack, in the training bars' style."""
+    return tqdm(total=total, desc=description, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def _tick(bar: tqdm | None, next_step: str | None = None) -> None:
+    """One step done; show the next one."""
+    if bar is not None:
+        bar.update(1)
+        if next_step:
+            bar.set_postfix_str(next_step)
+
+
 def evaluate(
-    model: nn.Module, task: Task, config: EvaluationConfig, defense: DefenseSpec, seed: int
+    model: nn.Module,
+    task: Task,
+    config: EvaluationConfig,
+    defense: DefenseSpec,
+    seed: int,
+    *,
+    progress: bool = False,
 ) -> Evaluation:
-    """Every metric of one trained model."""
+    """Every metric of one trained model (``progress``: a bar over its attacks)."""
     start = time.perf_counter()
     model.eval()
     result = Evaluation()
-    result.metrics["clean"].update(task.clean_metrics(model))
-    result.metrics["trojan"].update(task.trojan_metrics(model))
-    result.details = _run_heldout(model, task, [a.name for a in task.heldout_attacks()], seed, result.metrics)
-    batches = task.eval_batches(config.latent_examples, config.batch_size)
-    for layer in config.latent_layers:
+    names = [a.name for a in task.heldout_attacks()]
+    steps = ["clean", "trojans", *names, *(f"latent/{layer}" for layer in config.latent_layers), "sanity"]
+    with progress_bar(len(steps), f"seed {seed} {defense.name} eval", progress) as bar:
+        bar.set_postfix_str(steps[0])
+        result.metrics["clean"].update(task.clean_metrics(model))
+        _tick(bar, steps[1])
+        result.metrics["trojan"].update(task.trojan_metrics(model))
+        _tick(bar, steps[2])
+        result.details = _run_heldout(model, task, names, seed, result.metrics, bar, steps[2:])
+        batches = task.eval_batches(config.latent_examples, config.batch_size)
+        for i, layer in enumerate(config.latent_layers):
+            torch.manual_seed(seed)
+            score, calibration = latent_robustness(
+                model, batches, layer, config.latent_threat, config.latent_pgd, io=task.io, score=task.score
+            )
+            result.metrics["latent"][layer] = score
+            result.calibration[f"eval:{layer}"] = calibration
+            _tick(bar, steps[2 + len(names) + i + 1])
         torch.manual_seed(seed)
-        score, calibration = latent_robustness(
-            model, batches, layer, config.latent_threat, config.latent_pgd, io=task.io, score=task.score
-        )
-        result.metrics["latent"][layer] = score
-        result.calibration[f"eval:{layer}"] = calibration
-    torch.manual_seed(seed)
-    probe = task.eval_batches(config.sanity_examples, config.sanity_examples)[0]
-    result.sanity = sanity_checks(model, task, sanity_attack(defense, task, config), probe, result.metrics)
+        probe = task.eval_batches(config.sanity_examples, config.sanity_examples)[0]
+        attack = sanity_attack(defense, task, config)
+        result.sanity = sanity_checks(model, task, attack, probe, result.metrics)
+        _tick(bar)
     result.seconds = time.perf_counter() - start
     return result
 
 
 def _run_heldout(
-    model: nn.Module, task: Task, names: list[str], seed: int, metrics: Metrics
+    model: nn.Module,
+    task: Task,
+    names: list[str],
+    seed: int,
+    metrics: Metrics,
+    bar: tqdm | None = None,
+    steps: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Runs the named held-out attacks into ``metrics``; returns their per-attack statistics."""
-    for name in names:
+    """Runs the named held-out attacks into ``metrics``; returns their per-attack statistics. ``bar`` ticks
+    once per attack, showing the next of ``steps`` (the attacks, then what follows them)."""
+    for i, name in enumerate(names):
         torch.manual_seed(seed)
         metrics.setdefault("heldout", {})[name] = task.run_heldout(model, name, seed)
+        _tick(bar, steps[i + 1] if steps and i + 1 < len(steps) else None)
     details = task.heldout_details()
     return {name: details[name] for name in names if name in details}
 
@@ -166,14 +203,23 @@ def missing_heldout(task: Task, evaluation: dict[str, Any]) -> list[str]:
 
 
 def complete_evaluation(
-    model: nn.Module, task: Task, evaluation: dict[str, Any], seed: int
+    model: nn.Module,
+    task: Task,
+    evaluation: dict[str, Any],
+    seed: int,
+    *,
+    progress: bool = False,
+    description: str = "eval",
 ) -> dict[str, Any]:
     """A saved evaluation with the held-out attacks it lacks run and merged in, and the black-box check
     redone over the full set, so adding an attack to a finished run costs only that attack."""
     start = time.perf_counter()
     model.eval()
     metrics = {group: dict(values) for group, values in evaluation["metrics"].items()}
-    details = _run_heldout(model, task, missing_heldout(task, evaluation), seed, metrics)
+    names = missing_heldout(task, evaluation)
+    with progress_bar(len(names), description, progress) as bar:
+        bar.set_postfix_str(names[0] if names else "")
+        details = _run_heldout(model, task, names, seed, metrics, bar, names)
     return {
         **evaluation,
         "metrics": metrics,

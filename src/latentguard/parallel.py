@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from latentguard.config import RunConfig
 from latentguard.errors import ConfigError, UserError
+from latentguard.signals import resume_command
 
 if TYPE_CHECKING:
     from latentguard.domains.base import Task
@@ -711,7 +712,7 @@ def report_run(run_dir: Path) -> Path:
     if missing:
         shown = ", ".join(missing[:6]) + (", …" if len(missing) > 6 else "")
         raise UserError(
-            f"{run_dir}: {len(missing)} of {len(points)} points are not done ({shown}); "
-            f"finish them (the missing shards, or --resume {run_dir}) before the report"
+            f"{run_dir}: this run is unfinished: {len(missing)} of {len(points)} points are not done "
+            f"({shown}); finish it with: {resume_command(run_dir)} (or the missing shards)"
         )
     return _report(config, run_dir)

@@ -10,12 +10,16 @@ folder, and it evaluates and reports alone once everything is trained (the other
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import shlex
+import sys
 import time
 import zlib
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +38,22 @@ from latentguard.engine.distributed import (
 )
 from latentguard.engine.threat import Threat
 from latentguard.engine.trainer import Trainer
-from latentguard.errors import ConfigError, SiteError
+from latentguard.errors import CheckpointError, ConfigError, SiteError
 from latentguard.evaluate import complete_evaluation, evaluate, missing_heldout
+from latentguard.fingerprint import (
+    BASE_RECORD,
+    EVAL_RECORD,
+    TRAIN_RECORD,
+    Fingerprint,
+    StaleUnits,
+    base_fingerprint,
+    defense_fingerprint,
+    evaluation_fingerprint,
+    remove,
+    scan,
+    valid_record,
+)
+from latentguard.lock import run_lock
 from latentguard.preflight import fill_sites, preflight
 from latentguard.report import write_report
 from latentguard.results import (
@@ -56,6 +74,8 @@ from latentguard.runs import (
     provenance,
     read_json,
 )
+from latentguard.signals import interruptible
+from latentguard.storage import storage_errors
 
 CONFIG_FILE = "config.yaml"
 
@@ -106,6 +126,8 @@ class Pipeline:
         self._tasks: dict[int, Task] = {}
         self._task = self.task(config.seeds[0])
         self.input_site = self._task.input_site
+        self.units = StaleUnits(run_dir, strict=False, note=note)  # run() sets strict for --strict-resume
+        self.stage = "starting"  # where an interrupted run stopped, for its message
 
     def seed_dir(self, seed: int) -> Path:
         return self.run_dir / f"seed-{seed}"
@@ -121,31 +143,41 @@ class Pipeline:
     def base_model(self, task: Task, seed: int) -> nn.Module:
         """The trojaned base model: trained once per seed on poisoned data, shared by every defense."""
         path = self.seed_dir(seed) / "base.safetensors"
+        checkpoint = self.seed_dir(seed) / "base.checkpoint.safetensors"
         torch.manual_seed(seed)
         model = task.build_model().to(self.device)
-        if path.exists():
+        fingerprint = base_fingerprint(self.config, seed)
+        if self._unit_done(path, self.seed_dir(seed) / "base.json", fingerprint, BASE_RECORD, checkpoint):
             load_model(path, model)
             return model
-        # Accelerate fixes mixed precision once per process: the base model trains as the defenses do.
-        precision = {"mixed_precision": self.config.training.mixed_precision}
+        self.stage = f"seed {seed}: training the base model (implanting the trojans)"
+        # Accelerate fixes mixed precision once per process: the base model trains as the defenses do; it
+        # checkpoints as they do unless the task sets its own interval.
+        settings = task.base_training(self.config.batch_size)
+        update: dict[str, Any] = {"mixed_precision": self.config.training.mixed_precision}
+        if not settings.checkpoint_every:
+            update["checkpoint_every"] = self.config.training.checkpoint_every
         trainer = Trainer(
             model,
             task.io,
             DefenseConfig(kind="clean"),
-            task.base_training(self.config.batch_size).model_copy(update=precision),
+            settings.model_copy(update=update),
             device=self.device,
-            checkpoint=self.seed_dir(seed) / "base.checkpoint.safetensors",
+            checkpoint=checkpoint,
             log=self.log.writer(f"seed-{seed}/base"),
             progress=self.config.progress,
             description=f"seed {seed} implant trojans",
+            stamp={"fingerprint": fingerprint.record()},
         )
         result = trainer.fit(task.base_loader(self.config.batch_size))
-        trainer.save_model(path, {"seed": seed, "steps": result.steps})  # every process (FSDP2 gathers)
+        stamp = {"seed": seed, "steps": result.steps, "fingerprint": fingerprint.record()}
+        trainer.save_model(path, stamp)  # every process (FSDP2 gathers)
         if is_main_process():
             atomic_write_json(
-                self.seed_dir(seed) / "base.json", {"seconds": result.seconds, "steps": result.steps}
+                self.seed_dir(seed) / "base.json",
+                {"seconds": result.seconds, "steps": result.steps, "fingerprint": fingerprint.record()},
             )
-            (self.seed_dir(seed) / "base.checkpoint.safetensors").unlink(missing_ok=True)
+            checkpoint.unlink(missing_ok=True)
         wait_for_everyone()  # no process may look for the file before it is there
         if trainer.sharded:  # FSDP2 sharded the model in place: go on from the whole saved weights
             return self.base_model(task, seed)
@@ -155,9 +187,12 @@ class Pipeline:
         folder = self.seed_dir(seed) / defense.name
         final = folder / "model.safetensors"
         base = task.defense_model(self.base_model(task, seed))  # e.g. with fresh LoRA adapters
-        if final.exists():
+        fingerprint = defense_fingerprint(self.config, seed, defense)
+        checkpoint = folder / "checkpoint.safetensors"
+        if self._unit_done(final, folder / "train.json", fingerprint, TRAIN_RECORD, checkpoint):
             load_model(final, base)
             return base
+        self.stage = f"seed {seed}: training defense {defense.name}"
         torch.manual_seed(defense_seed(seed, defense.name))
         trainer = Trainer(
             base,
@@ -165,13 +200,15 @@ class Pipeline:
             fill_sites(defense, task),
             self.config.training,
             device=self.device,
-            checkpoint=folder / "checkpoint.safetensors",
+            checkpoint=checkpoint,
             log=self.log.writer(f"seed-{seed}/{defense.name}"),
             progress=self.config.progress,
             description=f"seed {seed} {defense.name}",
+            stamp={"fingerprint": fingerprint.record()},
         )
         result = trainer.fit(task.defense_loader(self.config.batch_size))
-        trainer.save_model(final, {"seed": seed, "defense": defense.name})  # every process (FSDP2 gathers)
+        stamp = {"seed": seed, "defense": defense.name, "fingerprint": fingerprint.record()}
+        trainer.save_model(final, stamp)  # every process (FSDP2 gathers)
         if is_main_process():
             calibration = {
                 site: {"mean_norm": result.unit_sizes.get(site, 0.0), "epsilon_abs": radius}
@@ -185,6 +222,7 @@ class Pipeline:
                     "skipped": result.skipped,
                     "processes": trainer.accelerator.num_processes,
                     "calibration": calibration,
+                    "fingerprint": fingerprint.record(),
                 },
             )
             (folder / "checkpoint.safetensors").unlink(missing_ok=True)
@@ -209,23 +247,118 @@ class Pipeline:
     def evaluate_defense(self, task: Task, seed: int, defense: DefenseSpec, *, force: bool = False) -> None:
         """One sweep point: train (or load) a defense's model and write its ``eval.json``."""
         out = self.seed_dir(seed) / defense.name / "eval.json"
-        if out.exists() and not force:
-            self._complete_evaluation(task, seed, defense, out)
+        if (
+            out.exists()
+            and not force
+            and self._trained(seed, defense)
+            and self._complete_evaluation(task, seed, defense, out)
+        ):
             return
         model = self.train_defense(task, seed, defense)
-        evaluation = evaluate(model, task, self.config.evaluation, defense, seed)
-        atomic_write_json(out, asdict(evaluation))
+        self.stage = f"seed {seed}: evaluating {defense.name}"
+        evaluation = evaluate(
+            model, task, self.config.evaluation, defense, seed, progress=self.config.progress
+        )
+        fingerprint = evaluation_fingerprint(self.config, seed, defense)
+        atomic_write_json(out, {**asdict(evaluation), "fingerprint": fingerprint.record()})
         self.log.write({"phase": f"seed-{seed}/{defense.name}/eval", **_numbers(evaluation.metrics)})
 
-    def _complete_evaluation(self, task: Task, seed: int, defense: DefenseSpec, out: Path) -> None:
-        """Runs only the held-out attacks added to the config since ``out`` was written."""
-        saved = read_json(out)
-        if not missing_heldout(task, saved):
-            return
+    def _complete_evaluation(self, task: Task, seed: int, defense: DefenseSpec, out: Path) -> bool:
+        """Runs only the held-out attacks added to (or edited in) the config since ``out`` was written;
+        ``False`` when the saved evaluation cannot be kept (damaged, or its model or settings changed)."""
+        fingerprint = evaluation_fingerprint(self.config, seed, defense)
+        saved = self._saved_evaluation(out, fingerprint)
+        if saved is None:
+            return False
+        if not missing_heldout(task, saved) and "stale" not in saved:
+            return True
+        saved.pop("stale", None)
         model = self.train_defense(task, seed, defense)
-        completed = complete_evaluation(model, task, saved, seed)
+        self.stage = f"seed {seed}: evaluating {defense.name} (held-out attacks added or edited)"
+        bar = f"seed {seed} {defense.name} eval"
+        completed = complete_evaluation(
+            model, task, saved, seed, progress=self.config.progress, description=bar
+        )
+        if "fingerprint" in saved:  # a record from before fingerprints stays without one
+            completed["fingerprint"] = fingerprint.record()
         atomic_write_json(out, completed)
         self.log.write({"phase": f"seed-{seed}/{defense.name}/eval", **_numbers(completed["metrics"])})
+        return True
+
+    def _trained(self, seed: int, defense: DefenseSpec) -> bool:
+        """Whether the base model and ``defense``'s model are saved, fit the config and have whole records
+        (checked without loading them); what does not is removed, to be redone."""
+        folder, base = self.seed_dir(seed) / defense.name, self.seed_dir(seed) / "base"
+        return self._unit_done(
+            base.with_suffix(".safetensors"),
+            base.with_suffix(".json"),
+            base_fingerprint(self.config, seed),
+            BASE_RECORD,
+            base.with_suffix(".checkpoint.safetensors"),
+        ) and self._unit_done(
+            folder / "model.safetensors",
+            folder / "train.json",
+            defense_fingerprint(self.config, seed, defense),
+            TRAIN_RECORD,
+            folder / "checkpoint.safetensors",
+        )
+
+    def _saved_evaluation(self, out: Path, fingerprint: Fingerprint) -> dict[str, Any] | None:
+        """The saved evaluation with the metrics of attacks edited or removed since dropped (so they run
+        again), or ``None`` when it must be redone whole."""
+        try:
+            saved = read_json(out)
+        except CheckpointError:
+            saved = None
+        if not valid_record(saved, EVAL_RECORD):
+            note(f"{self.units.name(out)}: damaged or incomplete record; re-running this evaluation")
+            return None
+        stored = saved.get("fingerprint")
+        changed = self.units.mismatch(stored, fingerprint)
+        if changed is not None:
+            self.units.refuse_or_note(out, changed, "re-running this evaluation")
+            return None
+        stored = stored if isinstance(stored, dict) else {}
+        edited = self.units.attack_changes(stored, fingerprint)
+        removed = [name for name in stored.get("attacks") or {} if name not in fingerprint.attacks]
+        if edited:
+            what = [change for changes in edited.values() for change in changes]
+            self.units.refuse_or_note(out, what, "re-running " + ", ".join(edited))
+        for name in [*edited, *removed]:
+            saved["metrics"].get("heldout", {}).pop(name, None)
+            saved.get("details", {}).pop(name, None)
+        if removed:
+            saved["stale"] = True  # rewritten without them, even when nothing needs to run
+        return saved
+
+    def _unit_done(
+        self,
+        weights: Path,
+        record: Path,
+        fingerprint: Fingerprint,
+        required: dict[str, Any],
+        checkpoint: Path,
+    ) -> bool:
+        """Whether a unit's saved weights can be used as they are. Weights made with another config, or
+        whose record is damaged, are removed (with their checkpoint) so the unit is redone; a checkpoint
+        made with another config is removed too. Every process decides alike from the same files; barriers
+        are met only when something is removed (the main process evaluates alone, with no one to meet)."""
+        if not weights.exists():
+            if checkpoint.exists() and not self.units.weights_fit(checkpoint, fingerprint):
+                _remove_together(checkpoint)
+            return False
+        stale = not self.units.weights_fit(weights, fingerprint)
+        if not stale:
+            try:
+                stale = not valid_record(read_json(record), required)
+            except CheckpointError:
+                stale = True
+            if stale:
+                unit = self.units.name(weights)
+                note(f"{self.units.name(record)}: damaged or missing record; redoing {unit}")
+        if stale:
+            _remove_together(weights, record, checkpoint)
+        return not stale
 
     # -- results -------------------------------------------------------------------------------------------
     def results(self) -> Results:
@@ -391,6 +524,7 @@ class Pipeline:
         return metrics
 
     def report(self) -> list[Path]:
+        self.stage = "writing the report"
         results = self.results()
         atomic_write_json(self.run_dir / "results.json", results.model_dump(mode="json"))
         return [self.run_dir / "results.json", *write_report(results, self.run_dir)]
@@ -407,26 +541,74 @@ def _numbers(metrics: Metrics) -> dict[str, float]:
 
 
 def run(
-    config: RunConfig, run_dir: Path | None = None, *, resume: bool = False, train_only: bool = False
+    config: RunConfig,
+    run_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    train_only: bool = False,
+    strict_resume: bool = False,
 ) -> Path:
-    """The whole pipeline; returns the run folder."""
+    """The whole pipeline; returns the run folder. ``strict_resume``: refuse to resume a folder whose saved
+    units were made with another config (by default they, and what depends on them, are redone)."""
     start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
     preflight(config)
     process_device(resolve_device(config.device))  # joins the launcher's processes (if any) on that device
-    if resume:
-        assert run_dir is not None
-    else:
-        run_dir = _start_everywhere(config, run_dir)
-    pipeline = Pipeline(config, run_dir)
-    try:
-        _train_evaluate_report(pipeline, train_only=train_only)
-        if is_main_process():
-            pipeline.log.write({"phase": "run", "wall_seconds": time.perf_counter() - start})
-    finally:
-        pipeline.log.close()
+    verb = "train" if train_only else "run"
+    pipeline: Pipeline | None = None
+
+    def where() -> tuple[Path | None, str]:
+        return run_dir, pipeline.stage if pipeline else "starting"
+
+    with interruptible(where, verb), storage_errors(lambda: run_dir, verb):
+        if resume:
+            assert run_dir is not None
+        else:
+            run_dir = _start_everywhere(config, run_dir)
+        with _locked(run_dir):
+            if resume and strict_resume:
+                _refuse_stale(config, run_dir)
+            pipeline = Pipeline(config, run_dir)
+            pipeline.units.strict = strict_resume
+            try:
+                _train_evaluate_report(pipeline, train_only=train_only)
+                if is_main_process():
+                    pipeline.log.write({"phase": "run", "wall_seconds": time.perf_counter() - start})
+            finally:
+                pipeline.log.close()
     return run_dir
+
+
+def _locked(run_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """The run folder's lock (main process only: the launcher's other processes work beside it)."""
+    if not is_main_process():
+        return contextlib.nullcontext()
+    return run_lock(run_dir, " ".join(["latentguard", *map(shlex.quote, sys.argv[1:])]))
+
+
+def _refuse_stale(config: RunConfig, run_dir: Path) -> None:
+    stale = scan(config, run_dir)
+    if stale:
+        shown = "; ".join(stale[:3]) + (f"; and {len(stale) - 3} more" if len(stale) > 3 else "")
+        raise ConfigError(
+            f"--strict-resume: {len(stale)} saved unit(s) were made with another config: {shown}; resume "
+            "without --strict-resume to redo them and what depends on them, or undo the edit"
+        )
+
+
+def _remove_together(*paths: Path) -> None:
+    """The main process removes ``paths`` once every process has looked at them; no one goes on before."""
+    wait_for_everyone()
+    if is_main_process():
+        remove(*paths)
+    wait_for_everyone()
+
+
+def note(message: str) -> None:
+    """One line on stderr about work the run redoes (main process only)."""
+    if is_main_process():
+        print(f"latentguard: note: {message}", file=sys.stderr, flush=True)
 
 
 def _start_everywhere(config: RunConfig, run_dir: Path | None) -> Path:
@@ -454,6 +636,16 @@ def _train_evaluate_report(pipeline: Pipeline, *, train_only: bool = False, forc
 
 def reevaluate(run_dir: Path) -> Path:
     """Evaluate a run folder's trained models again and rewrite its report."""
-    pipeline = Pipeline(resume_config(run_dir), run_dir)
-    _train_evaluate_report(pipeline, force=True)
+    config = resume_config(run_dir)
+    pipeline: Pipeline | None = None
+
+    def where() -> tuple[Path | None, str]:
+        return run_dir, pipeline.stage if pipeline else "starting"
+
+    with interruptible(where, "eval"), storage_errors(lambda: run_dir, "eval"), _locked(run_dir):
+        pipeline = Pipeline(config, run_dir)
+        try:
+            _train_evaluate_report(pipeline, force=True)
+        finally:
+            pipeline.log.close()
     return run_dir

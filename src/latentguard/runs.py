@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from latentguard.errors import CheckpointError
+from latentguard.storage import storage_errno
 
 TRACKED_PACKAGES = (
     "torch",
@@ -38,7 +39,13 @@ def _atomic_target(path: Path) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except SafetensorError as exc:  # safetensors reports a full disk only in its message
+            code = storage_errno(exc)
+            if code is None:
+                raise
+            raise OSError(code, os.strerror(code), str(path)) from exc
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

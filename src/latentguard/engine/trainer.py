@@ -132,6 +132,7 @@ class Trainer:
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
         progress: bool = True,
         description: str = "train",
+        stamp: dict[str, Any] | None = None,
     ) -> None:
         require(io, ("to_device", "forward", "loss", "positions"), "Trainer")
         self.model = model
@@ -150,6 +151,7 @@ class Trainer:
         self.progress = progress
         self.description = description
         self.kind = defense.defense  # the registered object: what it perturbs and trains on
+        self.stamp = stamp or {}  # extra checkpoint metadata (the run's record of the config it came from)
         self.attack: LatentAttack | None = None
         if self.kind.perturbs:
             assert defense.threat is not None
@@ -220,6 +222,7 @@ class Trainer:
             "optim_scalars": scalars,
             "schedule": self.schedule.state_dict(),
             "unit_sizes": self.attack.unit_sizes if self.attack else {},
+            **self.stamp,
         }
         save_tensors(self.checkpoint, tensors, _jsonable(metadata))
 
