@@ -71,7 +71,7 @@ def test_the_attack_finds_the_shift_that_fools_the_model_and_leaves_robust_image
 def test_the_spec_takes_a_norm_only_for_lp_attacks() -> None:
     spatial = ImageAttackSpec(name="rot", kind="spatial", max_rotation=20, translations=3)
     assert "rotation ±20°, translation ±1 px, 5×3×3 grid" in spatial.describe()
-    with pytest.raises(ValidationError, match="spatial.norm: unknown key"):
+    with pytest.raises(ValidationError, match=r"spatial\.norm: unknown key"):
         ImageAttackSpec(name="rot", kind="spatial", norm="linf", epsilon=0.1)
-    with pytest.raises(ValidationError, match="pgd.epsilon: required key is missing"):
+    with pytest.raises(ValidationError, match=r"pgd\.epsilon: required key is missing"):
         ImageAttackSpec(name="pgd", kind="pgd", norm="linf")

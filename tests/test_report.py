@@ -300,7 +300,7 @@ def test_render_run(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"results\.json: not valid JSON"):
         render_run(tmp_path)
     (tmp_path / "results.json").write_text("[1, 2]", encoding="utf-8")
-    with pytest.raises(UserError, match="not a results file"):
+    with pytest.raises(UserError, match="lacks what a report needs"):
         render_run(tmp_path)
     (tmp_path / "results.json").write_text(json.dumps(make_results()), encoding="utf-8")
     written = render_run(tmp_path)

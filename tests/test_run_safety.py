@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import flat_metrics
 
 from latentguard.config import load_config
 from latentguard.errors import ConfigError
@@ -90,7 +91,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _records(run_dir: Path) -> dict[str, dict[str, Any]]:
-    return {r["defense"]: r["metrics"] for r in json.loads((run_dir / "results.json").read_text())["records"]}
+    records = json.loads((run_dir / "results.json").read_text())["records"]
+    return {r["defense"]: flat_metrics(r["metrics"]) for r in records}
 
 
 def _one_error_line(stderr: str) -> str:

@@ -112,15 +112,17 @@ class Results(BaseModel):
     phase_seconds: dict[str, float] = Field(default_factory=dict)
 
 
-def validate_results(data: Any, where: str) -> Results:
-    """``data`` checked against the schema; what is missing or wrong is one line naming ``where``."""
+def validate_results(data: Any, where: str, fix: str = "") -> Results:
+    """``data`` checked against the schema; what is missing or wrong is one line naming ``where`` (and
+    ``fix``, how to rebuild it)."""
     try:
         return Results.model_validate(data)
     except ValidationError as exc:
         from latentguard.config import format_validation_error
 
         problems = format_validation_error(exc)
-        raise UserError(f"{where}: not a results file with what a report needs ({problems[:300]})") from None
+        problems = problems if len(problems) <= 300 else problems[:300] + "…"
+        raise UserError(f"{where}: lacks what a report needs ({problems}){fix}") from None
 
 
 def load_results(path: Path) -> Results:
@@ -133,4 +135,7 @@ def load_results(path: Path) -> Results:
         raise UserError(f"{path}: cannot read it ({exc.__class__.__name__})") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno})") from None
-    return validate_results(data, str(path))
+    from latentguard.signals import resume_command
+
+    fix = f"; the report was left as it is; rebuild both with: {resume_command(path.parent)}"
+    return validate_results(data, str(path), fix)
