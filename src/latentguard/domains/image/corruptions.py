@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import kornia
 import numpy as np
@@ -39,16 +39,7 @@ CorruptionName = Literal[
     "jpeg_compression",
     "elastic_transform",
 ]
-CORRUPTIONS: tuple[CorruptionName, ...] = (
-    "gaussian_noise",
-    "gaussian_blur",
-    "defocus_blur",
-    "contrast",
-    "brightness",
-    "pixelate",
-    "jpeg_compression",
-    "elastic_transform",
-)
+CORRUPTIONS: tuple[CorruptionName, ...] = get_args(CorruptionName)
 
 # Severity 1..5 parameters. Those that do not depend on image size (noise, contrast, brightness, JPEG quality)
 # are ImageNet-C's; those in pixels or relative to the size (blurs, pixelate) are CIFAR-10-C's (32×32).
