@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from latentguard.engine.attack import AttackResult, LatentAttack, Objective, PGDConfig, untargeted
 from latentguard.engine.io import ModelIO
+from latentguard.engine.site import Intervention
 from latentguard.engine.threat import Threat, ThreatSpec, per_site, threat_at
 from latentguard.errors import ConfigError
 from latentguard.registry import DEFENSES
@@ -55,6 +56,37 @@ class Defense:
         """The perturbation the model trains under for this batch."""
         return attack(model, io, batch)
 
+    def begin(self, config: DefenseConfig, attack: LatentAttack | None) -> None:
+        """Called once by each trainer before it trains: a defense that keeps state between steps (e.g. a
+        carried perturbation) sets it up here. The trainer holds its own instance of the defense."""
+
+    def replays(self, config: DefenseConfig) -> int:
+        """How many training steps (model updates) each batch gets in a row; ``training.steps`` counts
+        updates, so a run sees ``steps / replays`` distinct batches."""
+        return 1
+
+    def intervention(self, model: nn.Module, attack: LatentAttack, result: AttackResult) -> Intervention:
+        """The hooks that place ``result``'s perturbation in the training forward."""
+        hooks = Intervention(model, attack.sites)
+        hooks.deltas = result.deltas
+        return hooks
+
+    def after_backward(self, hooks: Intervention) -> None:
+        """Called after the training loss's backward, before the optimizer step, with the hooks of the
+        training forward (their ``deltas`` hold gradients where they take one): a perturbation that trains
+        along with the model takes its step here."""
+
+    def state(self) -> dict[str, Tensor]:
+        """Tensors a checkpoint keeps for this defense (its carried state); restored by :meth:`load_state`."""
+        return {}
+
+    def load_state(self, tensors: dict[str, Tensor], device: Any) -> None:
+        """Restore what :meth:`state` returned."""
+
+    def inner_steps(self, config: DefenseConfig) -> int | None:
+        """The adversary's step count the report shows (``None``: none to show)."""
+        return config.pgd.steps if self.uses_steps else None
+
     def extra_terms(self, trainer: Trainer, batch: Any) -> dict[str, tuple[float, Tensor]]:
         """Further weighted loss terms computed under the perturbation (name → (weight, loss))."""
         return {}
@@ -72,7 +104,8 @@ class Defense:
         if not self.perturbs:
             return self.label(config)
         assert config.threat is not None
-        steps = f", {config.pgd.steps} steps" if self.uses_steps else ""
+        count = self.inner_steps(config)
+        steps = f", {count} steps" if count is not None else ""
         notes = [f"clean weight {config.clean_weight:g}"] if config.clean_weight else []
         notes += self.notes(config)
         notes += [f"KL weight {config.kl_weight:g}"] if config.kl_weight else []

@@ -73,15 +73,25 @@ class Intervention:
 
     Used as a context manager: hooks are removed on exit even if the forward raised. ``fired`` counts how
     often each site's hook ran, so callers can check that the layer really is on the forward path.
+    ``start(site, activation)``, when given, makes the perturbation of a site that has none or one of
+    another shape (stored in ``deltas``); without it a misfit perturbation is an error.
     """
 
-    def __init__(self, model: nn.Module, sites: Sequence[str], *, capture: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: Sequence[str],
+        *,
+        capture: bool = False,
+        start: Callable[[str, Tensor], Tensor] | None = None,
+    ) -> None:
         if not sites:
             raise SiteError("no site given: name at least one layer (or 'input')")
         self.model = model
         self.sites = list(dict.fromkeys(sites))
         self.modules = {site: resolve_module(model, site) for site in self.sites}
         self.capture = capture
+        self.start = start
         self.deltas: dict[str, Tensor] = {}
         self.activations: dict[str, Tensor] = {}
         self.fired: dict[str, int] = dict.fromkeys(self.sites, 0)
@@ -92,6 +102,8 @@ class Intervention:
         if self.capture:
             self.activations[site] = value.detach().clone()  # later layers may change it in place
         delta = self.deltas.get(site)
+        if self.start is not None and (delta is None or delta.shape != value.shape):
+            delta = self.deltas[site] = self.start(site, value)
         if delta is None:
             return value
         if delta.shape != value.shape:

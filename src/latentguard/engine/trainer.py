@@ -157,6 +157,13 @@ class Trainer:
             assert defense.threat is not None
             objective = self.kind.objective(defense, io)
             self.attack = LatentAttack(defense.sites or ["input"], defense.threat, defense.pgd, objective)
+        self.kind.begin(defense, self.attack)
+        self.replays = self.kind.replays(defense)  # updates per batch, in a row
+        if self.replays > 1 and self.config.gradient_accumulation_steps > 1:
+            raise ConfigError(
+                f"defense {defense.kind!r} replays each batch {self.replays} times (one update each): it "
+                "cannot be combined with gradient_accumulation_steps > 1"
+            )
         if defense.kl_weight and not isinstance(io, DivergenceIO):
             raise ConfigError(f"kl_weight needs a task whose outputs can be compared ({type(io).__name__})")
         # The KL reference: the trainable weights as training starts (a fresh LoRA adapter is zero, so with
@@ -215,6 +222,7 @@ class Trainer:
                     scalars.setdefault(str(index), {})[key] = value
         tensors["rng.torch"] = torch.get_rng_state()
         tensors.update({f"reference.{name}": value for name, value in self.reference.items()})
+        tensors.update({f"defense.{name}": value for name, value in self.kind.state().items()})
         metadata = {
             "step": self.step,
             "defense": self.defense.model_dump(mode="json"),
@@ -266,6 +274,9 @@ class Trainer:
         self._reference_shards = {}  # FSDP2: cut again from the restored reference
         if self.attack is not None:
             self.attack.unit_sizes.update(meta.get("unit_sizes", {}))
+        prefix = "defense."
+        carried = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        self.kind.load_state(carried, self.device)
         self.step = int(meta["step"])
         return True
 
@@ -347,6 +358,7 @@ class Trainer:
         # and the KL reference go before the clean forward; elsewhere the order stays (it fixes RNG order).
         first = self.sharded
         attack: AttackResult | None = None
+        hooks: Intervention | None = None
         if self.attack is not None and first and (attack := self._attack_everywhere(batch)) is None:
             return None
         kl = self.defense.kl_weight > 0
@@ -365,8 +377,7 @@ class Trainer:
             if not first and (attack := self._attack_everywhere(batch)) is None:
                 return None
             assert attack is not None
-            with Intervention(self.model, self.attack.sites) as hooks:
-                hooks.deltas = attack.deltas
+            with self.kind.intervention(self.model, self.attack, attack) as hooks:
                 output = self.io.forward(self.wrapped, batch)
                 for name, (weight, term) in self.kind.extra_terms(self, batch).items():
                     weights[name], terms[name] = weight, term
@@ -382,6 +393,16 @@ class Trainer:
         grads = [local_part(p.grad) for p in self.model.parameters() if p.grad is not None]
         if not everywhere(self.accelerator, all(bool(torch.isfinite(g).all()) for g in grads)):
             return self._nonfinite("gradient")
+        if hooks is not None:
+            failure: NonFiniteError | None = None
+            try:
+                self.kind.after_backward(hooks)  # a perturbation that trains along takes its step
+            except NonFiniteError as exc:
+                if self.config.on_nonfinite == "stop":
+                    raise
+                failure = exc
+            if not everywhere(self.accelerator, failure is None):
+                return self._nonfinite(f"perturbation step ({failure or 'in another process'})")
         if self.config.grad_clip and self.accelerator.sync_gradients:
             self.accelerator.clip_grad_norm_(self.wrapped.parameters(), self.config.grad_clip)
         self.optimizer.step()  # prepared by fit: steps (and zeroes) only when the accumulated step is due
@@ -423,7 +444,10 @@ class Trainer:
             self._optimizer_state = None
         self.optimizer.zero_grad(set_to_none=True)
         accumulation = self.config.gradient_accumulation_steps
-        batches = cycle(self.accelerator.prepare(loader), skip=self.step * accumulation)
+        # with replays each batch trains ``replays`` updates in a row; a resumed run re-enters mid-batch
+        batches = cycle(self.accelerator.prepare(loader), skip=self.step // self.replays * accumulation)
+        left = 0  # replays still due for the batch in hand
+        batch: Any = None
         bar = tqdm(
             total=self.config.steps,
             initial=self.step,
@@ -435,7 +459,10 @@ class Trainer:
         done: list[dict[str, float]] = []  # metrics of the batches of the current optimizer step
         try:
             while self.step < self.config.steps:
-                batch = self.io.to_device(next(batches), self.device)
+                if left == 0:
+                    batch = self.io.to_device(next(batches), self.device)
+                    left = self.replays - self.step % self.replays
+                left -= 1
                 if self.attack is not None and self.step == 0 and not self.attack.unit_sizes:
                     sizes = self.attack.calibrate(self.model, self.io, batch)
                     self.attack.unit_sizes.update(mean_over_processes(self.accelerator, sizes))
