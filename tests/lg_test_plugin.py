@@ -77,3 +77,8 @@ class InputNoise(Defense):
 
     def perturb(self, attack: LatentAttack, model: nn.Module, io: ModelIO, batch: Any) -> AttackResult:
         return attack.noise(model, io, batch)
+
+
+def no_change(images: Tensor) -> Tensor:
+    """A trigger that changes nothing: a trojan that cannot implant (poisoned labels only add noise)."""
+    return images.clone()

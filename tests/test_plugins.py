@@ -133,3 +133,17 @@ def test_trojan_target_checked_against_the_data(tmp_path: Path, capsys: pytest.C
     assert main(["run", str(path), "--plugin", "lg_test_plugin", "--out", str(tmp_path / "never")]) == 2
     assert "task.trojans.0.target: 5 is not a class" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_a_trojan_that_never_implanted_is_flagged_not_reported_as_removed(tmp_path: Path) -> None:
+    data = write_png_folder(tmp_path / "pngs")
+    cfg = config(data, trigger="quadrant", attack="gaussian_noise", model="tiny_resnet", defense="clean")
+    cfg["task"]["trojans"] = [{"kind": "lg_test_plugin:no_change", "target": 0, "poison_rate": 0.05}]
+    cfg["evaluation"]["implant_threshold"] = 0.9  # a trigger that changes nothing cannot reach it
+    results, report = run(tmp_path, cfg, "--plugin", "lg_test_plugin")
+    trojan = results["trojans"][0]
+    assert trojan["implanted"] is False and trojan["undefended_asr"] < 0.9
+    assert "**Not implanted: no_change**" in report and "removal is not measurable" in report
+    assert "ASR no_change (not implanted)" in report
+    entrenchment = report.split("## Entrenchment")[1].split("\n## ")[0] if "## Entrenchment" in report else ""
+    assert "no_change" not in entrenchment

@@ -45,6 +45,9 @@ class EvaluationConfig(BaseModel):
     latent_examples: int = Field(500, ge=1)
     sanity_examples: int = Field(128, ge=2)
     batch_size: int = Field(250, ge=1)
+    implant_threshold: float = Field(
+        0.5, ge=0, le=1, description="a trojan whose undefended ASR is below this did not implant: flagged"
+    )
 
 
 class RunConfig(BaseModel):

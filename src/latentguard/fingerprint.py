@@ -89,7 +89,7 @@ def evaluation_fingerprint(config: RunConfig, seed: int, defense: DefenseSpec) -
     return Fingerprint(
         {
             "model": defense_fingerprint(config, seed, defense).hash,
-            "evaluation": evaluation.model_dump(mode="json", exclude={"attacks"}),
+            "evaluation": evaluation.model_dump(mode="json", exclude={"attacks", "implant_threshold"}),
         },
         attack_specs={str(spec.get("name")): spec for spec in evaluation.attacks},
     )

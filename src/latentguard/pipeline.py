@@ -397,13 +397,12 @@ class Pipeline:
             created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             seeds=cfg.seeds,
             provenance=read_json(self.run_dir / "provenance.json"),
-            trojans=[
-                Trojan(name=t.name, description=t.description, distance=t.distance) for t in task.trojans()
-            ],
+            trojans=self._trojans(task, records),
             training_threats=self._training_threats(task, radii),
             input_budgets=self._input_budgets(),
             heldout_threats=self._heldout_threats(task),
-            metrics=self._metric_table(task),
+            metrics=self._metric_table(task, records),
+            implant_threshold=cfg.evaluation.implant_threshold,
             defense_order=[d.name for d in cfg.defenses],
             layer_order=self.layer_order(task),
             records=records,
@@ -417,6 +416,34 @@ class Pipeline:
             resolved = {site: v["epsilon_abs"] for site, v in radii.get(defense.name, {}).items()}
             threats.append(TrainingThreat(defense=defense.name, description=spec.describe(resolved)))
         return threats
+
+    def _undefended_asr(self, records: list[Record]) -> dict[str, float]:
+        """Per trojan: the mean ASR of the models that had no defense phase (the implant as it took)."""
+        untrained = {d.name for d in self.config.defenses if not d.defense.trains}
+        values: dict[str, list[float]] = {}
+        for record in records:
+            if record.defense in untrained:
+                for name, value in record.metrics.get("trojan", {}).items():
+                    if value is not None:
+                        values.setdefault(name, []).append(value)
+        return {name: sum(v) / len(v) for name, v in values.items()}
+
+    def _implanted(self, name: str, records: list[Record]) -> bool | None:
+        asr = self._undefended_asr(records).get(name)
+        return None if asr is None else asr >= self.config.evaluation.implant_threshold
+
+    def _trojans(self, task: Task, records: list[Record]) -> list[Trojan]:
+        asr = self._undefended_asr(records)
+        return [
+            Trojan(
+                name=t.name,
+                description=t.description,
+                distance=t.distance,
+                undefended_asr=asr.get(t.name),
+                implanted=self._implanted(t.name, records),
+            )
+            for t in task.trojans()
+        ]
 
     def _input_budgets(self) -> list[TrainingBudget]:
         """The absolute input-space budgets defenses trained on (what a trojan's distance compares with)."""
@@ -508,14 +535,21 @@ class Pipeline:
     def _heldout_threats(self, task: Task) -> list[HeldoutThreat]:
         return [threat for _, _, threat in self._heldout(task)]
 
-    def _metric_table(self, task: Task) -> list[MetricSpec]:
+    def _metric_table(self, task: Task, records: list[Record]) -> list[MetricSpec]:
         metrics = [
             MetricSpec(group="clean", name=key, label=key.replace("_", " "))
             for key in task.clean_metric_keys()
         ]
         metrics += [
-            MetricSpec(group="trojan", name=t.name, label=f"ASR {t.name}", higher_is_better=False)
+            MetricSpec(
+                group="trojan",
+                name=t.name,
+                label=f"ASR {t.name}" + (" (not implanted)" if implanted is False else ""),
+                higher_is_better=False,
+                implanted=implanted,
+            )
             for t in task.trojans()
+            for implanted in [self._implanted(t.name, records)]
         ]
         for group, name, threat in self._heldout(task):
             seen = threat.seen_by

@@ -30,6 +30,7 @@ class MetricSpec(BaseModel):
     label: str
     higher_is_better: bool | None = True
     seen_by: list[str] = Field(default_factory=list)
+    implanted: bool | None = None  # trojans: did the undefended model's mean ASR reach the threshold?
 
     @property
     def key(self) -> tuple[str, str]:
@@ -57,6 +58,8 @@ class Trojan(BaseModel):
     name: str
     description: str
     distance: dict[str, float] | None = None  # mean input distance of triggered from clean, per norm
+    undefended_asr: float | None = None  # mean over seeds of the models that had no defense phase
+    implanted: bool | None = None  # undefended ASR >= the run's implant threshold (None: no such model)
 
 
 class TrainingBudget(BaseModel):
@@ -104,6 +107,7 @@ class Results(BaseModel):
     trojans: list[Trojan] = Field(default_factory=list)
     training_threats: list[TrainingThreat] = Field(default_factory=list)
     input_budgets: list[TrainingBudget] = Field(default_factory=list)
+    implant_threshold: float = 0.5
     heldout_threats: list[HeldoutThreat] = Field(default_factory=list)
     metrics: list[MetricSpec]
     defense_order: list[str] = Field(default_factory=list)

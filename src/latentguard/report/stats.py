@@ -104,6 +104,7 @@ class _Metric:
     group: str
     higher_is_better: bool | None
     seen_by: tuple[str, ...] = ()
+    implanted: bool | None = None  # trojans: False when the undefended model never learnt it
 
     @property
     def arrow(self) -> str:
@@ -136,6 +137,7 @@ def _metrics(results: dict) -> list[_Metric]:
                 group="seen" if seen and group in ("heldout", "latent") else group,
                 higher_is_better=hib if isinstance(hib, bool) else None,
                 seen_by=seen,
+                implanted=m.get("implanted"),
             )
         )
     known = {m.key for m in declared}
@@ -149,7 +151,9 @@ def _metrics(results: dict) -> list[_Metric]:
 
 
 def _group_keys(results: dict, group: str) -> list[MetricKey]:
-    return [m.key for m in _metrics(results) if m.group == group]
+    """The metrics of a group a plot or front uses; a trojan that never implanted is left out (its removal
+    cannot be measured)."""
+    return [m.key for m in _metrics(results) if m.group == group and m.implanted is not False]
 
 
 def _clean_metric(results: dict) -> _Metric | None:

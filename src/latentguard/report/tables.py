@@ -149,20 +149,37 @@ def _trojan_section(results: dict) -> list[str]:
     budgets = results.get("input_budgets") or []
     norms = sorted({b["norm"] for b in budgets} | {"l2", "linf"}, key=["l2", "linf"].index)
     measured = any(t.get("distance") for t in trojans)
-    header = ["Trojan", "Description"] + [f"mean {n.upper().replace('LINF', 'L∞')} to clean" for n in norms]
+    header = [
+        "Trojan",
+        "Description",
+        f"implanted (undefended ASR ≥ {results.get('implant_threshold', 0.5):g})",
+    ]
+    header += [f"mean {n.upper().replace('LINF', 'L∞')} to clean" for n in norms]
     header += (
         [f"inside {b['defense']}'s {b['norm']} ε={b['epsilon']:g}?" for b in budgets] if measured else []
     )
+    threshold = results.get("implant_threshold", 0.5)
     rows = []
     for t in trojans:
         distance = t.get("distance") or {}
-        row = [t.get("name", "?"), t.get("description", "")]
+        asr, implanted = t.get("undefended_asr"), t.get("implanted")
+        status = "–" if implanted is None else f"{'yes' if implanted else '**no**'} ({asr:.2f})"
+        row = [t.get("name", "?"), t.get("description", ""), status]
         row += [_fmt_num(distance.get(n)) for n in norms]
         if measured:
             row += [_inside(distance.get(b["norm"]), b["epsilon"]) for b in budgets]
         rows.append(row)
     if not measured:
-        header, rows = header[:2], [row[:2] for row in rows]
+        header, rows = header[:3], [row[:3] for row in rows]
+    absent = [t.get("name", "?") for t in trojans if t.get("implanted") is False]
+    if absent:
+        note_absent = (
+            f" **Not implanted: {', '.join(absent)}** — the undefended model's ASR stayed below"
+            f" {threshold:g}, so removal is not measurable: left out of the entrenchment check, the Pareto"
+            " fronts and plots against trojan ASR, and the verdict."
+        )
+    else:
+        note_absent = ""
     note = (
         " The distance columns are the mean over test images of the input-space distance between a triggered"
         " image and its clean version; *inside* says whether that mean lies within an AT defense's training"
@@ -173,7 +190,7 @@ def _trojan_section(results: dict) -> list[str]:
     return [
         *lines,
         "Implanted by poisoning the base model's training data; ASR is measured on triggered inputs whose"
-        " true label differs from the target (lower is better)." + note,
+        " true label differs from the target (lower is better)." + note + note_absent,
         "",
         *_table(header, rows, "l" * len(header)),
         "",
@@ -374,6 +391,8 @@ def _verdict_section(results: dict) -> list[str]:
     for m in _metrics(results):
         if m.group not in ("heldout", "latent", "seen", "trojan") or m.higher_is_better is None:
             continue
+        if m.implanted is False:  # no removal to compare
+            continue
         sign = 1.0 if m.higher_is_better else -1.0
         best = {}
         for kind, names in eligible.items():
@@ -419,7 +438,7 @@ def _entrenchment_section(results: dict) -> list[str]:
     """Each defense's trojan ASR minus the undefended model's, paired by seed (both start from its base)."""
     kinds = _kinds(results)
     reference = next((d for d in _defenses(results) if kinds.get(d) == "none"), None)
-    trojans = [m for m in _metrics(results) if m.group == "trojan"]
+    trojans = [m for m in _metrics(results) if m.group == "trojan" and m.implanted is not False]
     if reference is None or not trojans:
         return []
 
