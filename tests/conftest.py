@@ -69,3 +69,35 @@ def flat_metrics(nested: dict) -> dict:
         for group, values in nested.items()
         for name, value in values.items()
     }
+
+
+def small_cnn(channels: int = 1, side: int = 28) -> nn.Sequential:
+    """Two conv layers and a linear head for N×C×side×side images (10 classes): trains in seconds."""
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * (side // 4) ** 2, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+# A Fashion-MNIST --quick run shrunk to seconds, for tests that run, kill and resume the whole pipeline.
+TINY_RUN = [
+    "--quick",
+    "--no-progress",
+    "--set", "task.base_train_size=1500",
+    "--set", "task.defense_train_size=300",
+    "--set", "task.test_size=200",
+    "--set", "training.steps=8",
+    "--set", "training.checkpoint_every=2",
+    "--set", "evaluation.attacks=[{name: pgd, kind: pgd, norm: linf, epsilon: 0.05, steps: 5, examples: 40}]",
+    "--set", "evaluation.latent_layers=[block1]",
+    "--set", "evaluation.latent_examples=40",
+    "--set", "evaluation.sanity_examples=16",
+]  # fmt: skip

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_cnn
 from pydantic import ValidationError
-from torch import Tensor, nn
+from torch import Tensor
 
 from latentguard.domains.image.data import DEFAULT_DATA_DIR, load_fashion_mnist
 from latentguard.domains.image.natural_triggers import (
@@ -133,18 +134,7 @@ def test_a_warp_trojan_is_learnable(fashion: tuple[Tensor, Tensor]) -> None:
     train_x[chosen] = trigger.apply(train_x[chosen])
     train_y[chosen] = 0
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 49, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
+    model = small_cnn()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(4):
         order = torch.randperm(train_y.numel())

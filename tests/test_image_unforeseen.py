@@ -14,6 +14,7 @@ import kornia
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_cnn
 from pydantic import ValidationError
 from torch import Tensor, nn
 
@@ -38,21 +39,6 @@ from latentguard.domains.image.unforeseen import (
 
 KINDS = sorted(ATTACKS)
 EVAL_IMAGES = 150
-
-
-def small_cnn(channels: int = 1, side: int = 28) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(channels, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * (side // 4) ** 2, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
 
 
 @pytest.fixture(scope="module")

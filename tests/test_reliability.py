@@ -13,25 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import flat_metrics
+from conftest import TINY_RUN, flat_metrics
 from torch import nn
 
 from latentguard.errors import CheckpointError
 from latentguard.runs import atomic_write_bytes, load_model, save_model
-
-TINY = [
-    "--quick",
-    "--no-progress",
-    "--set", "task.base_train_size=1500",
-    "--set", "task.defense_train_size=300",
-    "--set", "task.test_size=200",
-    "--set", "training.steps=8",
-    "--set", "training.checkpoint_every=2",
-    "--set", "evaluation.attacks=[{name: pgd, kind: pgd, norm: linf, epsilon: 0.05, steps: 5, examples: 40}]",
-    "--set", "evaluation.latent_layers=[block1]",
-    "--set", "evaluation.latent_examples=40",
-    "--set", "evaluation.sanity_examples=16",
-]  # fmt: skip
 
 
 class Exploit:
@@ -98,10 +84,10 @@ def _wait_for(path: Path, process: subprocess.Popen[bytes], timeout: float = 240
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     reference = tmp_path / "reference"
-    subprocess.run(_cli("run", *TINY, "--out", str(reference)), check=True, capture_output=True)
+    subprocess.run(_cli("run", *TINY_RUN, "--out", str(reference)), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_cli("run", *TINY, "--out", str(killed)), stderr=subprocess.PIPE)
+    process = subprocess.Popen(_cli("run", *TINY_RUN, "--out", str(killed)), stderr=subprocess.PIPE)
     # the first mid-training checkpoint of a defense phase: kill in the middle of training
     _wait_for(killed / "seed-0" / "at" / "checkpoint.safetensors", process)
     process.send_signal(signal.SIGKILL)
@@ -146,7 +132,7 @@ def test_exploding_training_stops_with_the_step_and_site(
 ) -> None:
     from latentguard.cli import main
 
-    args = ["run", *TINY, "--out", str(tmp_path / "run"), "--set", "training.lr=1e30"]
+    args = ["run", *TINY_RUN, "--out", str(tmp_path / "run"), "--set", "training.lr=1e30"]
     args += ["--set", "training.optimizer=sgd", "--set", "training.momentum=0"]
     assert main(args) == 2
     err = capsys.readouterr().err

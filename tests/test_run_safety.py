@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import flat_metrics
+from conftest import TINY_RUN, flat_metrics
 
 from latentguard.config import load_config
 from latentguard.errors import ConfigError
@@ -66,21 +66,6 @@ def test_non_finite_numbers_are_rejected_naming_the_field(override: str, field: 
 
 # -- a finished tiny run, copied by each test that damages or edits it ----------------------------------
 
-TINY = [
-    "--quick",
-    "--no-progress",
-    "--set", "threads=1",
-    "--set", "task.base_train_size=1500",
-    "--set", "task.defense_train_size=300",
-    "--set", "task.test_size=200",
-    "--set", "training.steps=8",
-    "--set", "training.checkpoint_every=2",
-    "--set", "evaluation.attacks=[{name: pgd, kind: pgd, norm: linf, epsilon: 0.05, steps: 5, examples: 40}]",
-    "--set", "evaluation.latent_layers=[block1]",
-    "--set", "evaluation.latent_examples=40",
-    "--set", "evaluation.sanity_examples=16",
-]  # fmt: skip
-
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "latentguard", *args]
@@ -104,7 +89,7 @@ def _one_error_line(stderr: str) -> str:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    done = _run("run", *TINY, "--out", str(run_dir))
+    done = _run("run", *TINY_RUN, "--set", "threads=1", "--out", str(run_dir))
     assert done.returncode == 0, done.stderr
     return run_dir
 
@@ -295,7 +280,10 @@ def _wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 240) 
 def test_sigterm_in_base_training_prints_where_and_resume_matches(tmp_path: Path, finished: Path) -> None:
     run_dir = tmp_path / "killed run"
     process = subprocess.Popen(
-        _cli("run", *TINY, "--out", str(run_dir)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _cli("run", *TINY_RUN, "--set", "threads=1", "--out", str(run_dir)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     _wait_for(run_dir / "seed-0" / "base.checkpoint.safetensors", process)  # base training checkpoints now
     process.send_signal(signal.SIGTERM)
@@ -361,7 +349,7 @@ def test_full_disk_ends_in_one_line_no_torn_file_and_resume_completes(
 
     monkeypatch.setattr(latentguard.runs, "save_file", full_disk)
     run_dir = tmp_path / "full"
-    assert main(["run", *TINY, "--out", str(run_dir)]) == 2
+    assert main(["run", *TINY_RUN, "--set", "threads=1", "--out", str(run_dir)]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert line == (
         f"latentguard: error: {run_dir}/seed-0/lat: cannot write (No space left on device); free space "

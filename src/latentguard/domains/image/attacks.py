@@ -33,40 +33,31 @@ AUTOATTACK_STANDARD: tuple[AutoAttackPart, ...] = ("apgd-ce", "apgd-t", "fab-t",
 
 
 class LpAttack(BaseModel):
-    """An Lp attack from torchattacks: ``pgd``, ``autoattack`` (the standard ensemble or chosen parts of it)
-    or ``square`` (black box, a gradient-masking check)."""
+    """Base of the Lp attacks from torchattacks: a norm and a pixel budget; a subclass names the attack and
+    builds its torchattacks object."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["pgd", "autoattack", "square"]
     norm: Literal["linf", "l2"]
     epsilon: float = Field(gt=0.0)
-    steps: int = Field(default=20, ge=1, description="PGD iterations (pgd only)")
-    queries: int = Field(default=1000, ge=1, description="model queries per example (square only)")
-    step_ratio: float = Field(default=2.5, gt=0.0, description="PGD step size = step_ratio * epsilon / steps")
-    components: list[AutoAttackPart] = Field(
-        default_factory=lambda: list(AUTOATTACK_STANDARD),
-        min_length=1,
-        description="autoattack only: which parts of the standard ensemble run, in its order "
-        "(Square's 5,000 queries cost ~1 s per robust image on a CPU)",
-    )
     seed: int = Field(0, description="set to the evaluation seed by the evaluator")
+    black_box: ClassVar[bool] = False
     _built: Any = PrivateAttr(default=None)
-
-    @model_validator(mode="after")
-    def _components_in_order(self) -> LpAttack:
-        if len(set(self.components)) != len(self.components):
-            raise ValueError(f"components: each part at most once, got {self.components}")
-        self.components = [part for part in AUTOATTACK_STANDARD if part in self.components]
-        return self
 
     @property
     def threat_class(self) -> str:
         return self.norm
 
     @property
-    def black_box(self) -> bool:
-        return self.kind == "square"
+    def budget(self) -> str:
+        return f"{self.norm}, eps={self.epsilon:g}"
+
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def build(self, torchattacks: Any, model: nn.Module, num_classes: int) -> Any:
+        """The torchattacks object ``(images, labels) -> adversarial images``."""
+        raise NotImplementedError
 
     def describe(self) -> str:
         """The library, its version, the attack and its budget."""
@@ -74,24 +65,90 @@ class LpAttack(BaseModel):
             library = f"{_LIBRARY} {metadata.version(_LIBRARY)}"
         except metadata.PackageNotFoundError:
             library = f"{_LIBRARY} (not installed)"
-        budget = f"{self.norm}, eps={self.epsilon:g}"
-        if self.kind == "pgd":
-            attack = f"PGD ({budget}, {self.steps} steps)"
-        elif self.kind == "square":
-            attack = f"Square ({budget}, {self.queries} queries)"
-        elif self.components == list(AUTOATTACK_STANDARD):
-            attack = f"AutoAttack standard ({budget})"
-        else:
-            attack = f"AutoAttack standard parts {'+'.join(self.components)} ({budget})"
-        return f"{library} {attack}"
+        return f"{library} {self.name()}"
 
     def perturb(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
         """Built once per evaluation (the first batch tells the class count), as torchattacks expects."""
         if self._built is None:
             with torch.no_grad():
                 num_classes = model(images[:1]).shape[-1]
-            self._built = _build_lp(_import_torchattacks(), model, self, num_classes)
+            self._built = self.build(_import_torchattacks(), model, num_classes)
         return self._built(images, labels)
+
+
+@IMAGE_ATTACKS.register("pgd")
+class PGDAttack(LpAttack):
+    """PGD with a random start (L∞ or L2)."""
+
+    kind: Literal["pgd"] = "pgd"
+    steps: int = Field(default=20, ge=1, description="PGD iterations")
+    step_ratio: float = Field(default=2.5, gt=0.0, description="step size = step_ratio * epsilon / steps")
+
+    def name(self) -> str:
+        return f"PGD ({self.budget}, {self.steps} steps)"
+
+    def build(self, torchattacks: Any, model: nn.Module, num_classes: int) -> Any:
+        alpha = self.step_ratio * self.epsilon / self.steps
+        cls = torchattacks.PGD if self.norm == "linf" else torchattacks.PGDL2
+        return cls(model, eps=self.epsilon, alpha=alpha, steps=self.steps, random_start=True)
+
+
+@IMAGE_ATTACKS.register("square")
+class SquareAttack(LpAttack):
+    """Square (black box): a check that gradient masking does not fake robustness."""
+
+    kind: Literal["square"] = "square"
+    queries: int = Field(default=1000, ge=1, description="model queries per example")
+    black_box: ClassVar[bool] = True
+
+    def name(self) -> str:
+        return f"Square ({self.budget}, {self.queries} queries)"
+
+    def build(self, torchattacks: Any, model: nn.Module, num_classes: int) -> Any:
+        norm = _NORM_NAMES[self.norm]
+        return torchattacks.Square(model, norm=norm, eps=self.epsilon, n_queries=self.queries, seed=self.seed)
+
+
+@IMAGE_ATTACKS.register("autoattack")
+class AutoAttackEnsemble(LpAttack):
+    """AutoAttack's standard ensemble (Croce & Hein, 2020), or chosen parts of it with the same settings."""
+
+    kind: Literal["autoattack"] = "autoattack"
+    components: list[AutoAttackPart] = Field(
+        default_factory=lambda: list(AUTOATTACK_STANDARD),
+        min_length=1,
+        description="which parts of the standard ensemble run, in its order "
+        "(Square's 5,000 queries cost ~1 s per robust image on a CPU)",
+    )
+
+    @model_validator(mode="after")
+    def _components_in_order(self) -> AutoAttackEnsemble:
+        if len(set(self.components)) != len(self.components):
+            raise ValueError(f"components: each part at most once, got {self.components}")
+        self.components = [part for part in AUTOATTACK_STANDARD if part in self.components]
+        return self
+
+    def name(self) -> str:
+        if self.components == list(AUTOATTACK_STANDARD):
+            return f"AutoAttack standard ({self.budget})"
+        return f"AutoAttack standard parts {'+'.join(self.components)} ({self.budget})"
+
+    def build(self, torchattacks: Any, model: nn.Module, num_classes: int) -> Any:
+        """Each part attacks only the images the parts before it left right, as in AutoAttack."""
+        norm = _NORM_NAMES[self.norm]
+        if self.components == list(AUTOATTACK_STANDARD):
+            return torchattacks.AutoAttack(
+                model, norm=norm, eps=self.epsilon, version="standard", n_classes=num_classes, seed=self.seed
+            )
+        common = {"norm": norm, "eps": self.epsilon, "seed": self.seed, "n_restarts": 1}
+        build = {
+            "apgd-ce": lambda: torchattacks.APGD(model, loss="ce", **common),
+            "apgd-t": lambda: torchattacks.APGDT(model, n_classes=num_classes, **common),
+            "fab-t": lambda: torchattacks.FAB(model, multi_targeted=True, n_classes=num_classes, **common),
+            "square": lambda: torchattacks.Square(model, n_queries=5000, **common),
+        }
+        parts = [build[part]() for part in self.components]
+        return parts[0] if len(parts) == 1 else torchattacks.MultiAttack(parts)
 
 
 class SpatialAttack(BaseModel):
@@ -121,8 +178,6 @@ class SpatialAttack(BaseModel):
         return spatial_attack(model, images, labels, self.grid)
 
 
-for _kind in ("pgd", "autoattack", "square"):
-    IMAGE_ATTACKS.register(_kind, LpAttack)
 IMAGE_ATTACKS.register("spatial", SpatialAttack)
 
 
@@ -191,40 +246,6 @@ def _import_torchattacks() -> Any:
     except ImportError as exc:
         raise UserError(f"held-out image attacks need torchattacks: {_INSTALL_HINT}") from exc
     return torchattacks
-
-
-def _build_lp(torchattacks: Any, model: nn.Module, spec: LpAttack, num_classes: int) -> Any:
-    """A torchattacks object ``(images, labels) -> adversarial images`` for ``spec``."""
-    norm = _NORM_NAMES[spec.norm]
-    if spec.kind == "pgd":
-        alpha = spec.step_ratio * spec.epsilon / spec.steps
-        cls = torchattacks.PGD if spec.norm == "linf" else torchattacks.PGDL2
-        return cls(model, eps=spec.epsilon, alpha=alpha, steps=spec.steps, random_start=True)
-    if spec.kind == "square":
-        return torchattacks.Square(model, norm=norm, eps=spec.epsilon, n_queries=spec.queries, seed=spec.seed)
-    return _autoattack(torchattacks, model, spec, norm, num_classes, spec.seed)
-
-
-def _autoattack(
-    torchattacks: Any, model: nn.Module, spec: LpAttack, norm: str, num_classes: int, seed: int
-) -> Any:
-    """AutoAttack's standard ensemble (Croce & Hein, 2020), or the chosen parts of it with the same settings.
-
-    Each part attacks only the images the parts before it left correctly classified, as in AutoAttack.
-    """
-    if spec.components == list(AUTOATTACK_STANDARD):
-        return torchattacks.AutoAttack(
-            model, norm=norm, eps=spec.epsilon, version="standard", n_classes=num_classes, seed=seed
-        )
-    common = {"norm": norm, "eps": spec.epsilon, "seed": seed, "n_restarts": 1}
-    build = {
-        "apgd-ce": lambda: torchattacks.APGD(model, loss="ce", **common),
-        "apgd-t": lambda: torchattacks.APGDT(model, n_classes=num_classes, **common),
-        "fab-t": lambda: torchattacks.FAB(model, multi_targeted=True, n_classes=num_classes, **common),
-        "square": lambda: torchattacks.Square(model, n_queries=5000, **common),
-    }
-    parts = [build[part]() for part in spec.components]
-    return parts[0] if len(parts) == 1 else torchattacks.MultiAttack(parts)
 
 
 def _check_budget(adversarial: Tensor, clean: Tensor, spec: ImageAttackSpec) -> None:
