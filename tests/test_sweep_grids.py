@@ -30,8 +30,14 @@ def test_image_sweep_config_expands_every_kind() -> None:
     names = [d.name for d in config.defenses]
     assert names[:2] == ["none", "clean"]
     assert names[2:6] == ["at:eps=0.25", "at:eps=0.5", "at:eps=1", "at:eps=2"]
-    lat = [d for d in config.defenses if d.kind == "lat"]
+    lat = [d for d in config.defenses if d.name.startswith("lat@")]
     assert len(lat) == 16 and {d.sites[0] for d in lat} == {"stem", "block1", "block2", "block3"}
+    free = [d for d in config.defenses if d.name.startswith("free_lat@")]  # a template swept by its name
+    assert [d.name for d in free] == [
+        "free_lat@block2:eps=0.1", "free_lat@block2:eps=0.5", "free_lat@block3:eps=0.1", "free_lat@block3:eps=0.5"
+    ]
+    assert all(d.kind == "lat" and d.options == {"replays": 4} for d in free)
+    assert "free_lat" not in names and "lat" not in names  # the templates themselves are not run
     rlat = [d.name for d in config.defenses if d.kind == "rlat"]
     assert rlat == ["rlat@stem:eps=0.5", "rlat@block3:eps=0.5"]
     at = config.defenses[5]
@@ -58,7 +64,8 @@ def test_set_overrides_reach_the_sweep_section_and_the_run_config() -> None:
         ({"lat": {"epsilon": [0.1]}}, r"sweep\.lat\.epsilon: unknown key"),
         ({"at": {"epsilons": [0.0]}}, r"sweep\.at\.epsilons\.0: .*greater than 0"),
         ({"lat": {"layers": []}}, r"sweep\.lat\.layers"),
-        ({"bogus": {"epsilons": [1]}}, r"sweep: unknown defense .bogus."),
+        ({"bogus": {"epsilons": [1]}}, r"sweep\.bogus: no template to copy: no defense named .bogus."),
+        ({"none": {"epsilons": [1]}}, r"sweep\.none: defense .none. has no threat to sweep"),
     ],
 )
 def test_bad_sweep_sections_name_the_field(tmp_path: Path, section: object, message: str) -> None:
@@ -93,3 +100,14 @@ def test_at_points_on_named_layers_and_name_clashes() -> None:
     clash = load_config(overrides=["defenses.none.name=lat@block2:eps=0.25"])
     with pytest.raises(ConfigError, match=r"repeated: lat@block2:eps=0\.25"):
         expand(clash, SweepSpec({"lat": SweepGrid(layers=["block2"])}))
+
+
+def test_a_grid_keyed_by_a_defense_name_sweeps_that_defense_and_keeps_the_others() -> None:
+    base = load_config(overrides=["defenses.lat.name=noisy_lat"])
+    config = expand(base, SweepSpec({"noisy_lat": SweepGrid(layers=["block1"], epsilons=[0.2])}))
+    point = next(d for d in config.defenses if d.name == "noisy_lat@block1:eps=0.2")
+    assert point.kind == "lat" and point.sites == ["block1"] and point.threat.epsilon == 0.2
+    assert "noisy_lat" not in [d.name for d in config.defenses]
+    assert [d.name for d in base.defenses if d.name != "noisy_lat"] == [
+        d.name for d in config.defenses if d is not point
+    ]

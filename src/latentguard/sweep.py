@@ -1,14 +1,16 @@
 """Expand a run config into a sweep: chosen defense kinds over layer × epsilon grids, over seeds.
 
-A sweep config is a run config plus a ``sweep:`` section with one grid per swept defense kind::
+A sweep config is a run config plus a ``sweep:`` section with one grid per swept template::
 
     sweep:
       at: {epsilons: [0.5, 1, 2, 3]}                                   # input space, as the template
       lat: {layers: [stem, block1, block2, block3], epsilons: [0.1, 0.25, 0.5, 1]}
+      free_lat: {layers: [block2], epsilons: [0.5]}                    # the defense *named* free_lat
 
-Every grid point copies the config's defense of that kind (its template) with one layer and one epsilon,
-named ``kind@layer:eps=E`` (``kind:eps=E`` when the template's sites are kept), so that tables and plots can
-group the points of one family and label them by budget. Defenses of kinds not swept are kept as they are.
+A grid's key names its template: the config's defense of that name, else its first defense of that kind.
+Every grid point copies the template with one layer and one epsilon, named ``key@layer:eps=E``
+(``key:eps=E`` when the template's sites are kept), so that tables and plots can group the points of one
+family and label them by budget. Defenses that are no grid's template are kept as they are.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, RootModel, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, RootModel, ValidationError
 
 from latentguard.config import (
     DEFAULT_CONFIG,
@@ -50,22 +52,39 @@ class SweepGrid(BaseModel):
 
 
 class SweepSpec(RootModel[dict[str, SweepGrid]]):
-    """The ``sweep:`` section: a grid for each defense kind to sweep (any registered kind that perturbs)."""
+    """The ``sweep:`` section: a grid per template, keyed by a defense's name or kind (checked by
+    :func:`templates` against the run config)."""
 
     root: dict[str, SweepGrid] = Field(default_factory=dict)
 
-    @field_validator("root")
-    @classmethod
-    def _perturbing_kinds(cls, grids: dict[str, SweepGrid]) -> dict[str, SweepGrid]:
-        for kind in grids:
-            if kind not in DEFENSES:
-                raise ValueError(f"unknown defense {kind!r}; registered: {', '.join(DEFENSES.names())}")
-            if not defense_for(kind).perturbs:
-                raise ValueError(f"defense {kind!r} has no threat to sweep")
-        return grids
-
     def grids(self) -> dict[str, SweepGrid]:
         return dict(self.root)
+
+
+def templates(base: RunConfig, spec: SweepSpec) -> dict[str, DefenseSpec]:
+    """Each grid's template: the defense named like the grid's key, else the first of that kind."""
+    found = {}
+    for key in spec.grids():
+        template = next((d for d in base.defenses if d.name == key), None)
+        if template is None:
+            template = next((d for d in base.defenses if d.kind == key), None)
+        if template is None:
+            known = ", ".join(d.name for d in base.defenses)
+            kind = "" if key in DEFENSES else f"; registered kinds: {', '.join(DEFENSES.names())}"
+            raise ConfigError(
+                f"sweep.{key}: no template to copy: no defense named {key!r} and none of kind {key!r} in"
+                f" defenses ({known}){kind}"
+            )
+        if not defense_for(template.kind).perturbs:
+            raise ConfigError(f"sweep.{key}: defense {template.kind!r} has no threat to sweep")
+        if template.threat is None:
+            raise ConfigError(f"sweep.{key}: the template {template.name!r} needs a threat to sweep")
+        if not isinstance(template.threat, Threat):
+            raise ConfigError(
+                f"defenses.{template.name}.threat: a swept template needs one threat, not one per site"
+            )
+        found[key] = template
+    return found
 
 
 def point_name(kind: str, layer: str | None, epsilon: float) -> str:
@@ -75,9 +94,10 @@ def point_name(kind: str, layer: str | None, epsilon: float) -> str:
 
 
 def expand(base: RunConfig, spec: SweepSpec, seeds: Iterable[int] = ()) -> RunConfig:
-    """The base config's non-swept defenses, then every grid point of ``spec`` (kind by kind)."""
-    kept = [d for d in base.defenses if d.kind not in spec.grids()]
-    swept = [point for kind, grid in spec.grids().items() for point in _points(base, kind, grid)]
+    """The base config's defenses that are no template, then every grid point of ``spec`` (grid by grid)."""
+    chosen = templates(base, spec)
+    kept = [d for d in base.defenses if all(d is not t for t in chosen.values())]
+    swept = [p for key, grid in spec.grids().items() for p in _points(base, key, chosen[key], grid)]
     fields = base.model_dump() | {
         "defenses": [d.model_dump(exclude_unset=True) for d in kept + swept],
         "seeds": list(seeds) or base.seeds,
@@ -89,24 +109,18 @@ def expand(base: RunConfig, spec: SweepSpec, seeds: Iterable[int] = ()) -> RunCo
         raise ConfigError(format_validation_error(exc)) from None
 
 
-def _points(base: RunConfig, kind: str, grid: SweepGrid) -> list[DefenseSpec]:
-    template = next((d for d in base.defenses if d.kind == kind), None)
-    if template is None or template.threat is None:
-        raise ConfigError(f"defenses: sweeping {kind!r} needs one {kind} defense in the config as a template")
-    if not isinstance(template.threat, Threat):
-        raise ConfigError(
-            f"defenses.{template.name}.threat: a swept template needs one threat, not one per site"
-        )
+def _points(base: RunConfig, key: str, template: DefenseSpec, grid: SweepGrid) -> list[DefenseSpec]:
+    assert isinstance(template.threat, Threat)  # checked by templates()
     if grid.layers:
         layers: list[str | None] = list(grid.layers)
-    elif not defense_for(kind).needs_sites:
+    elif not defense_for(template.kind).needs_sites:
         layers = [None]  # e.g. input-space AT: the pipeline fills in the task's input site
     else:
         layers = list(task_class(base.task["kind"]).default_layers)
     points = []
     for layer in layers:
         for epsilon in grid.epsilons or [template.threat.epsilon]:
-            fields = template.model_dump(exclude_unset=True) | {"name": point_name(kind, layer, epsilon)}
+            fields = template.model_dump(exclude_unset=True) | {"name": point_name(key, layer, epsilon)}
             fields["threat"] = template.threat.model_copy(update={"epsilon": epsilon})
             if layer is not None:
                 fields["sites"] = [layer]
@@ -143,7 +157,9 @@ def load_sweep(
         else:
             rest.append(text)
     base = load_config(overrides=rest, quick=quick, data=raw, plugins=plugins)
-    return base, validate_section(SweepSpec, section[SECTION], SECTION)
+    spec = validate_section(SweepSpec, section[SECTION], SECTION)
+    templates(base, spec)  # every grid names a defense that can be swept, before anything runs
+    return base, spec
 
 
 def with_flags(spec: SweepSpec, kind: str, layers: list[str], epsilons: list[float]) -> SweepSpec:
