@@ -197,3 +197,8 @@ def test_verdict_compares_the_best_lat_and_at_at_matched_clean_accuracy() -> Non
     best_at = "`at:eps=0.25`"  # the only AT setting whose clean accuracy reaches the LAT family's level
     assert best_at in row and row.rstrip(" |").endswith("3/3")
     assert "| ASR patch |" in section and "positive value means LAT is better" in section
+    lower = section[section.index("### The verdict at lower clean levels") :]
+    header = next(line for line in lower.splitlines() if line.startswith("| Threat |"))
+    assert [f"`at:eps={e}`" in header for e in ("0.25", "0.5", "1", "2")] == [False, True, True, True]
+    row = next(line for line in lower.splitlines() if line.startswith("| pgd_linf |"))
+    assert "lat@block1:eps=1`" not in row and row.count("/3)") == 3  # still below every level

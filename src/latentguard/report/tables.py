@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -364,72 +365,142 @@ def _reach(results: dict, metric: _Metric) -> str:
     return " (inside AT's largest ball)" if inside else " (outside every AT ball)"
 
 
+@dataclass(frozen=True)
+class _Duel:
+    """One threat's best LAT against its best AT at one clean level, with the paired per-seed differences."""
+
+    metric: Any
+    lat: str
+    at: str
+    diffs: list[float]
+
+    def difference(self) -> str:
+        stat = _stats(self.diffs)
+        return f"{stat['mean']:+.3f} ± {stat['std']:.3f}" if stat["n"] > 1 else f"{stat['mean']:+.3f}"
+
+    def ahead(self) -> str:
+        return f"{sum(d > 0 for d in self.diffs)}/{len(self.diffs)}"
+
+
+class _Verdict:
+    """Best LAT against best AT per held-out threat and trojan, among settings above a clean level."""
+
+    def __init__(self, results: dict) -> None:
+        self.results = results
+        self.clean = _clean_metric(results)
+        kinds = _kinds(results)
+        self.families = {kind: [d for d in _defenses(results) if kinds.get(d) == kind] for kind in VERDICT}
+        self.summary = summarize(_records(results))
+
+    def ready(self) -> bool:
+        return self.clean is not None and all(self.families.values())
+
+    def mean(self, defense: str, key: MetricKey) -> float | None:
+        stat = self.summary.get(defense, {}).get(key)
+        return None if stat is None else stat["mean"]
+
+    def clean_of(self, defense: str) -> float:
+        assert self.clean is not None
+        value = self.mean(defense, self.clean.key)
+        return -math.inf if value is None else value
+
+    def matched_level(self) -> float:
+        """The lower of the two families' best clean means, minus the tolerance."""
+        return min(max(self.clean_of(d) for d in ds) for ds in self.families.values()) - MATCH_TOLERANCE
+
+    def duels(self, level: float) -> list[_Duel]:
+        eligible = {k: [d for d in ds if self.clean_of(d) >= level] for k, ds in self.families.items()}
+        duels = []
+        for m in _metrics(self.results):
+            if m.group not in ("heldout", "latent", "seen", "trojan") or m.higher_is_better is None:
+                continue
+            if m.implanted is False:  # no removal to compare
+                continue
+            sign = 1.0 if m.higher_is_better else -1.0
+            best = {}
+            for kind, names in eligible.items():
+                scored = [(sign * v, d) for d in names if (v := self.mean(d, m.key)) is not None]
+                if scored:
+                    best[kind] = max(scored)[1]
+            if len(best) < 2:
+                continue
+            lat, at = (best[k] for k in VERDICT)
+            mine, theirs = _by_seed(self.results, lat, m.key), _by_seed(self.results, at, m.key)
+            diffs = [sign * (mine[s] - theirs[s]) for s in mine if s in theirs]
+            if diffs:
+                duels.append(_Duel(m, lat, at, diffs))
+        return duels
+
+
 def _verdict_section(results: dict) -> list[str]:
     """Per held-out threat and trojan: the best LAT against the best AT at matched clean accuracy, by seed.
 
     Matched: both families compete only with settings whose mean clean metric is at least the lower of the
     two families' best clean means (minus ``MATCH_TOLERANCE``), so neither wins by giving up clean accuracy.
+    The same comparison is then repeated at each lower AT setting's clean level (a walk down the front).
     """
-    clean = _clean_metric(results)
-    kinds = _kinds(results)
-    families = {kind: [d for d in _defenses(results) if kinds.get(d) == kind] for kind in VERDICT}
-    if clean is None or not all(families.values()):
+    verdict = _Verdict(results)
+    if not verdict.ready():
         return []
-    summary = summarize(_records(results))
-
-    def mean(defense: str, key: MetricKey) -> float | None:
-        stat = summary.get(defense, {}).get(key)
-        return None if stat is None else stat["mean"]
-
-    def clean_of(defense: str) -> float:
-        value = mean(defense, clean.key)
-        return -math.inf if value is None else value
-
-    level = min(max(clean_of(d) for d in ds) for ds in families.values()) - MATCH_TOLERANCE
-    eligible = {k: [d for d in ds if clean_of(d) >= level] for k, ds in families.items()}
-    rows = []
-    for m in _metrics(results):
-        if m.group not in ("heldout", "latent", "seen", "trojan") or m.higher_is_better is None:
-            continue
-        if m.implanted is False:  # no removal to compare
-            continue
-        sign = 1.0 if m.higher_is_better else -1.0
-        best = {}
-        for kind, names in eligible.items():
-            scored = [(sign * v, d) for d in names if (v := mean(d, m.key)) is not None]
-            if scored:
-                best[kind] = max(scored)[1]
-        if len(best) < 2:
-            continue
-        lat, at = (best[k] for k in VERDICT)
-        mine, theirs = _by_seed(results, lat, m.key), _by_seed(results, at, m.key)
-        diffs = [sign * (mine[s] - theirs[s]) for s in mine if s in theirs]
-        if not diffs:
-            continue
-        stat = _stats(diffs)
-        rows.append(
-            [
-                m.label + _reach(results, m),
-                f"`{lat}` {mean(lat, m.key):.3f}",
-                f"`{at}` {mean(at, m.key):.3f}",
-                f"{stat['mean']:+.3f} ± {stat['std']:.3f}" if stat["n"] > 1 else f"{stat['mean']:+.3f}",
-                f"{sum(d > 0 for d in diffs)}/{len(diffs)}",
-            ]
-        )
-    if not rows:
+    assert verdict.clean is not None
+    level = verdict.matched_level()
+    duels = verdict.duels(level)
+    if not duels:
         return []
+    rows = [
+        [
+            d.metric.label + _reach(results, d.metric),
+            f"`{d.lat}` {verdict.mean(d.lat, d.metric.key):.3f}",
+            f"`{d.at}` {verdict.mean(d.at, d.metric.key):.3f}",
+            d.difference(),
+            d.ahead(),
+        ]
+        for d in duels
+    ]
     return [
         "## Verdict: LAT against AT per threat",
         "",
         f"For each held-out threat and trojan, the best `{VERDICT[0]}` setting against the best"
-        f" `{VERDICT[1]}` setting among those whose mean {clean.label} is at least {level:.3f} (the lower"
-        f" of the two families' best, minus {MATCH_TOLERANCE:g}). *LAT − AT* is the paired per-seed"
+        f" `{VERDICT[1]}` setting among those whose mean {verdict.clean.label} is at least {level:.3f} (the"
+        f" lower of the two families' best, minus {MATCH_TOLERANCE:g}). *LAT − AT* is the paired per-seed"
         " difference, signed so that a positive value means LAT is better (higher robustness, lower ASR),"
         " mean ± sample std; *LAT ahead* counts the seeds where it is positive. A trojan is *inside AT's"
         " largest ball* when its trigger's mean input distance from the clean image is within the largest"
         " input-space budget an AT defense trained at (Trojans section).",
         "",
         *_table(["Threat", "best LAT", "best AT", "LAT − AT", "LAT ahead"], rows, "lllrr"),
+        "",
+        *_lower_levels(verdict, level),
+    ]
+
+
+def _lower_levels(verdict: _Verdict, top: float) -> list[str]:
+    """The verdict again at each AT setting's clean level below the matched one, down the front."""
+    assert verdict.clean is not None
+    levels = sorted(
+        {round(verdict.clean_of(a) - MATCH_TOLERANCE, 6): a for a in verdict.families[VERDICT[1]]}.items(),
+        reverse=True,
+    )
+    levels = [(level, at) for level, at in levels if level < top - 1e-9]
+    columns = [(level, at, {d.metric.key: d for d in verdict.duels(level)}) for level, at in levels]
+    if not columns:
+        return []
+    header = ["Threat", *(f"≥ {level:.3f} (`{at}`)" for level, at, _ in columns)]
+    rows = []
+    for metric in [d.metric for d in verdict.duels(top)]:
+        cells = [metric.label]
+        for _, _, duels in columns:
+            duel = duels.get(metric.key)
+            cells.append("–" if duel is None else f"{duel.difference()} ({duel.ahead()}) `{duel.lat}`")
+        rows.append(cells)
+    return [
+        "### The verdict at lower clean levels",
+        "",
+        f"The same comparison with each `{VERDICT[1]}` setting's mean {verdict.clean.label} (minus"
+        f" {MATCH_TOLERANCE:g}) as the level, below the matched one: *LAT − AT* (LAT ahead) and the best LAT"
+        f" at that level; the best `{VERDICT[1]}` is the most robust setting at or above the level.",
+        "",
+        *_table(header, rows, "l" + "r" * len(columns)),
         "",
     ]
 
