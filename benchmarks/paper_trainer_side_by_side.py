@@ -273,14 +273,17 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
 
 
 def _rss(record: dict[str, Any] | None) -> str:
+    """Peak RSS over the steps, and in brackets its rise over the RSS just before them (model loaded)."""
     if not record or record.get("peak_rss_gb") is None:
         return "–"
-    return f"{record['peak_rss_gb']:.2f}"
+    rise = record["peak_rss_gb"] - record["rss_before_steps_gb"]
+    return f"{record['peak_rss_gb']:.2f} (+{rise:.2f})"
 
 
 def tables(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines = [
-        "Seconds per step (median), paper ÷ latentguard, peak RSS over the steps (GiB):",
+        "Seconds per step (median), paper ÷ latentguard, peak RSS over the steps in GiB (+ its rise "
+        "over the RSS before them):",
         "",
         "| cell | paper | latentguard prefix | latentguard hook | paper / prefix | paper / hook "
         "| RSS paper | RSS prefix | RSS hook |",
