@@ -34,7 +34,10 @@ def test_image_sweep_config_expands_every_kind() -> None:
     assert len(lat) == 16 and {d.sites[0] for d in lat} == {"stem", "block1", "block2", "block3"}
     free = [d for d in config.defenses if d.name.startswith("free_lat@")]  # a template swept by its name
     assert [d.name for d in free] == [
-        "free_lat@block2:eps=0.1", "free_lat@block2:eps=0.5", "free_lat@block3:eps=0.1", "free_lat@block3:eps=0.5"
+        "free_lat@block2:eps=0.1",
+        "free_lat@block2:eps=0.5",
+        "free_lat@block3:eps=0.1",
+        "free_lat@block3:eps=0.5",
     ]
     assert all(d.kind == "lat" and d.options == {"replays": 4} for d in free)
     assert "free_lat" not in names and "lat" not in names  # the templates themselves are not run
