@@ -21,6 +21,8 @@ plus what Trainer's loop does at an accumulation boundary (``optimizer.step``, `
 ``model.zero_grad``). ``latentguard prefix`` is one ``Trainer.train_step`` of the ``lat`` defense with
 ``PGDConfig(steps=6)`` (prefix reuse on: the PGD steps run only the layers after the site, weights frozen);
 ``latentguard hook`` is the same with ``reuse_prefix=False`` (a full forward through hooks per PGD step).
+With ``--free``, ``latentguard free LAT`` is one update of free LAT (``options: {replays: 4}``, issue 22):
+one forward with δ at the site and one backward for both the weights and δ, no inner loop.
 
 Every (cell, column) runs in a fresh process: load the model, build the trainer, one untimed warm-up step,
 then ``--repeats`` timed steps (the median is reported). Per cell the paper's process and latentguard's
@@ -92,7 +94,8 @@ import torch
 PAPER_DIR = Path(os.environ.get("PAPER", "/work/scratch/paper-lat"))
 CELLS = ("plain", "lat-layer4", "lat-layer15")
 LAYER = {"plain": None, "lat-layer4": 4, "lat-layer15": 15}  # δ at the input of this 0-based layer
-COLUMNS = ("paper", "prefix", "hook")  # prefix / hook: latentguard with reuse_prefix True / False
+COLUMNS = ("paper", "prefix", "hook", "free")  # latentguard: reuse_prefix True / False; free LAT
+FREE_REPLAYS = 4  # free LAT's m: one cost per update whatever m is
 EPSILON = 8.0
 PGD_STEPS = 6
 LR = 1e-5
@@ -177,6 +180,7 @@ def latentguard_cell(
             sites=[f"model.layers.{layer - 1}"],  # its output is the input of layer `layer`
             threat=Threat(norm="l2", epsilon=EPSILON),  # absolute, one ball per example
             pgd=PGDConfig(steps=PGD_STEPS, reuse_prefix=column == "prefix"),
+            options={"replays": FREE_REPLAYS} if column == "free" else {},
         )
     trainer = Trainer(model, io, defense, TrainConfig(steps=1000, lr=LR, optimizer="adamw"), progress=False)
     losses: list[float] = []
@@ -285,27 +289,34 @@ def tables(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         "Seconds per step (median), paper ÷ latentguard, peak RSS over the steps in GiB (+ its rise "
         "over the RSS before them):",
         "",
-        "| cell | paper | latentguard prefix | latentguard hook | paper / prefix | paper / hook "
-        "| RSS paper | RSS prefix | RSS hook |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| cell | paper | latentguard prefix | latentguard hook | latentguard free LAT | paper / prefix "
+        "| paper / hook | paper / free | RSS paper | RSS prefix | RSS hook |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for cell, row in results.items():
-        paper, prefix, hook = row.get("paper"), row.get("prefix"), row.get("hook")
+        paper, prefix, hook, free = (row.get(c) for c in COLUMNS)
         lines.append(
-            f"| {cell} | {_s(paper)} | {_s(prefix)} | {_s(hook)} | {_ratio(paper, prefix)} "
-            f"| {_ratio(paper, hook)} | {_rss(paper)} | {_rss(prefix)} | {_rss(hook)} |"
+            f"| {cell} | {_s(paper)} | {_s(prefix)} | {_s(hook)} | {_s(free)} | {_ratio(paper, prefix)} "
+            f"| {_ratio(paper, hook)} | {_ratio(paper, free)} | {_rss(paper)} | {_rss(prefix)} "
+            f"| {_rss(hook)} |"
         )
     plain = results.get("plain", {})
     if plain:
-        lines += ["", "LAT step in plain steps of the same side:", "", "| cell | paper | prefix | hook |"]
-        lines.append("|---|--:|--:|--:|")
+        lines += [
+            "",
+            "LAT update in plain steps of the same side:",
+            "",
+            "| cell | paper | prefix | hook | free |",
+        ]
+        lines.append("|---|--:|--:|--:|--:|")
         for cell, row in results.items():
             if cell == "plain":
                 continue
             paper = _ratio(row.get("paper"), plain.get("paper"))
             lines.append(
                 f"| {cell} | {paper} | {_ratio(row.get('prefix'), plain.get('prefix'))} "
-                f"| {_ratio(row.get('hook'), plain.get('prefix'))} |"
+                f"| {_ratio(row.get('hook'), plain.get('prefix'))} "
+                f"| {_ratio(row.get('free'), plain.get('prefix'))} |"
             )
     losses = [
         f"{cell}/{column} {record['clean_loss']:.6f}"
@@ -338,6 +349,7 @@ def main() -> None:
     parser.add_argument("--model-folder", type=Path, help="latentguard side: a float32 SmolLM2 folder")
     parser.add_argument("--clean-loss-only", action="store_true", help="only each side's clean loss")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--free", action="store_true", help=f"also free LAT (m = {FREE_REPLAYS}), per update")
     parser.add_argument("--worker", nargs=2, metavar=("CELL", "COLUMN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -374,7 +386,7 @@ def main() -> None:
     )
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for index, cell in enumerate(cells):
-        columns = ["prefix"] if LAYER[cell] is None else ["prefix", "hook"]
+        columns = ["prefix"] if LAYER[cell] is None else ["prefix", "hook", *(["free"] if args.free else [])]
         if args.clean_loss_only:
             columns = ["prefix"]
         jobs: list[tuple[str, list[str]]] = []
