@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -142,6 +142,16 @@ class AttackResult:
         return self.losses[-1] - self.losses[0] if len(self.losses) > 1 else 0.0
 
 
+def phase(name: str) -> AbstractContextManager[Any]:
+    """A ``lat/<name>`` range for ``torch.profiler`` while one records, else a no-op (one flag check).
+
+    ``benchmarks/lat_profile.py`` attributes a training step's wall time to these ranges.
+    """
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(f"lat/{name}")
+    return nullcontext()
+
+
 def _check_finite(value: Tensor, what: str, site: str, step: int) -> None:
     """Fail on NaN or inf anywhere in ``value``: one reduction, as it runs on every gradient of every step."""
     if not torch.isfinite(value.sum(dtype=torch.float32)):
@@ -163,10 +173,12 @@ def pgd(
     """
     masks = positions or {}
     deltas: Deltas = {}
-    for site, ref in references.items():
-        threat, rad = threats[site], radii[site]
-        start = random_in_ball(ref, threat, rad, generator) if config.random_start else torch.zeros_like(ref)
-        deltas[site] = project(start, threat, rad, ref, masks.get(site)).detach()
+    with phase("attack/start"):
+        for site, ref in references.items():
+            threat, rad = threats[site], radii[site]
+            zero = not config.random_start
+            start = torch.zeros_like(ref) if zero else random_in_ball(ref, threat, rad, generator)
+            deltas[site] = project(start, threat, rad, ref, masks.get(site)).detach()
     adam = None
     if config.optimizer == "adam":
         for delta in deltas.values():
@@ -177,32 +189,36 @@ def pgd(
     for step in range(config.steps):
         for delta in deltas.values():
             delta.requires_grad_(True)
-        loss = objective(deltas)
-        _check_finite(loss.detach(), "attack loss", ",".join(deltas), step)
-        grads = torch.autograd.grad(loss, list(deltas.values()))
-        result.losses.append(float(loss.detach()))
-        if step == 0:
-            result.first_grad_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
-        with torch.no_grad():
-            for (site, delta), grad in zip(list(deltas.items()), grads, strict=True):
-                _check_finite(grad, "perturbation gradient", site, step)
-                threat, rad = threats[site], radii[site]
-                if adam is not None:
-                    delta.grad = -grad  # Adam minimises
-                else:
-                    delta = delta + config.step_ratio * rad / config.steps * ascent_direction(grad, threat)
-                deltas[site] = delta
-        if adam is not None:
-            adam.step()
-            adam.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for site in deltas:
-                threat, rad = threats[site], radii[site]
-                projected = project(deltas[site].detach(), threat, rad, references[site], masks.get(site))
-                if adam is not None:
-                    deltas[site].copy_(projected)
-                else:
-                    deltas[site] = projected
+        with phase("attack/forward"):
+            loss = objective(deltas)
+            _check_finite(loss.detach(), "attack loss", ",".join(deltas), step)
+        with phase("attack/backward"):
+            grads = torch.autograd.grad(loss, list(deltas.values()))
+        with phase("attack/step"):
+            result.losses.append(float(loss.detach()))
+            if step == 0:
+                result.first_grad_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+            with torch.no_grad():
+                for (site, delta), grad in zip(list(deltas.items()), grads, strict=True):
+                    _check_finite(grad, "perturbation gradient", site, step)
+                    threat, rad = threats[site], radii[site]
+                    if adam is not None:
+                        delta.grad = -grad  # Adam minimises
+                    else:
+                        size = config.step_ratio * rad / config.steps
+                        delta = delta + size * ascent_direction(grad, threat)
+                    deltas[site] = delta
+            if adam is not None:
+                adam.step()
+                adam.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for site in deltas:
+                    threat, rad = threats[site], radii[site]
+                    projected = project(deltas[site].detach(), threat, rad, references[site], masks.get(site))
+                    if adam is not None:
+                        deltas[site].copy_(projected)
+                    else:
+                        deltas[site] = projected
     result.deltas = {site: delta.detach() for site, delta in deltas.items()}
     return result
 
@@ -280,7 +296,8 @@ class LatentAttack:
         require(io, ("forward", "loss", "positions"), "LatentAttack")
         self._ensure_calibrated(model, io, batch)
         cache = self.prefix_cache(model)
-        references = self.capture(model, io, batch, cache)
+        with phase("attack/capture"):
+            references = self.capture(model, io, batch, cache)
         positions = io.positions(batch)
         radii = self.radii()
         with (
