@@ -99,6 +99,23 @@ def build_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether no tensor holds a NaN or an infinity.
+
+    A float32 sum per tensor, read once with one synchronisation: NaN and inf survive a sum, so finite sums
+    prove the tensors finite. This reads each gradient once where ``isfinite(g).all()`` also writes and
+    reads a mask as large (SmolLM2-135M on one CPU thread: 0.06 s instead of 1.1 s per step). Only a sum
+    that is not finite (or a finite sum that overflowed) falls back to the exact element-wise test.
+    """
+    if not tensors:
+        return True
+    sums = [t.sum(dtype=torch.float32) for t in tensors]
+    device = sums[0].device
+    if bool(torch.isfinite(torch.stack([s.to(device) for s in sums])).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def cycle(loader: Iterable[Any], skip: int = 0) -> Iterator[Any]:
     """Endless batches, epoch after epoch; ``skip`` fast-forwards so a resumed run sees the same order."""
     seen = 0
@@ -395,7 +412,7 @@ class Trainer:
             self.accelerator.backward(loss)
         with phase("train/grad_check"):
             grads = [local_part(p.grad) for p in self.model.parameters() if p.grad is not None]
-            finite = all(bool(torch.isfinite(g).all()) for g in grads)
+            finite = all_finite(grads)
         if not everywhere(self.accelerator, finite):
             return self._nonfinite("gradient")
         if hooks is not None:
