@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from latentguard.engine.io import ModelIO, require
-from latentguard.engine.site import Intervention, frozen
+from latentguard.engine.site import INPUT, Intervention, frozen
 from latentguard.engine.split import PrefixCache
 from latentguard.engine.threat import (
     Threat,
@@ -251,21 +251,37 @@ class LatentAttack:
     def radii(self) -> dict[str, float]:
         return {site: radius(self._threats[site], self.unit_sizes.get(site)) for site in self.sites}
 
-    def capture(self, model: nn.Module, io: ModelIO, batch: Any, cache: PrefixCache | None = None) -> Deltas:
-        """The clean activations at every site (weights frozen, no graph kept); fills ``cache`` if given."""
+    def capture(
+        self,
+        model: nn.Module,
+        io: ModelIO,
+        batch: Any,
+        cache: PrefixCache | None = None,
+        *,
+        whole: bool = False,
+    ) -> Deltas:
+        """The clean activations at every site (weights frozen, no graph kept); fills ``cache`` if given.
+
+        The clean pass stops as soon as every site has run (the layers after them are not computed), unless
+        ``whole``: then it runs to the end and warns about a site whose module ran more than once. A model
+        sharded by FSDP2 always runs to the end (its units gather and free weights in hooks around every
+        forward, which a stopped pass would leave half done).
+        """
+        stop = not whole and not _sharded(model)
         with frozen(model, train=self.config.model_mode == "train"), torch.no_grad():
             with Intervention(model, self.sites, capture=True) as hooks:
+
+                def clean_pass() -> None:
+                    with stop_after_sites(hooks) if stop else nullcontext():
+                        io.forward(model, batch)
+
                 if cache is None:
-                    io.forward(model, batch)
+                    clean_pass()
                 else:
-                    cache.record(lambda: io.forward(model, batch))
+                    cache.record(clean_pass)
             hooks.check_fired()
-        for site, count in hooks.repeated().items():
-            warnings.warn(
-                f"site {site!r} ran {count} times in one forward (a reused module): each call gets the same "
-                "perturbation; pick a module that runs once",
-                stacklevel=3,
-            )
+        if whole:
+            _warn_repeated(hooks.fired, runs=1, stacklevel=4)
         return hooks.activations
 
     def prefix_cache(self, model: nn.Module) -> PrefixCache | None:
@@ -305,14 +321,21 @@ class LatentAttack:
             Intervention(model, self.sites) as hooks,
             cache.active() if cache is not None else nullcontext(),
         ):
+            runs = 0  # forward passes, to tell a site that runs more than once per pass
+
+            def run(inputs: Any) -> Any:
+                nonlocal runs
+                runs += 1
+                return io.forward(model, inputs)
 
             def run_with(deltas: Deltas) -> Tensor:
                 hooks.deltas = deltas
-                return self.objective(lambda b: io.forward(model, b), io, batch)
+                return self.objective(run, io, batch)
 
             masks = {site: _positions_for(ref, positions) for site, ref in references.items()}
             result = pgd(run_with, references, radii, self.threats(), self.config, masks, generator)
         result.fired = dict(hooks.fired)
+        _warn_repeated(hooks.fired, runs)
         return result
 
     def noise(
@@ -320,7 +343,7 @@ class LatentAttack:
     ) -> AttackResult:
         """Random perturbations on the sphere of the same radius: the RLAT baseline and a sanity check."""
         self._ensure_calibrated(model, io, batch)
-        references = self.capture(model, io, batch)
+        references = self.capture(model, io, batch, whole=True)  # no PGD pass follows to spot a reused site
         positions = io.positions(batch)
         radii = self.radii()
         deltas = {}
@@ -340,6 +363,56 @@ class LatentAttack:
         ):
             hooks.deltas = deltas
             return float(self.objective(lambda b: io.forward(model, b), io, batch))
+
+
+def _warn_repeated(fired: Mapping[str, int], runs: int, stacklevel: int = 3) -> None:
+    """Warn about each site whose module ran more than once per forward pass (``runs`` passes)."""
+    for site, count in fired.items():
+        if runs and count > runs:
+            warnings.warn(
+                f"site {site!r} ran {count // runs} times in one forward (a reused module): each call gets "
+                "the same perturbation; pick a module that runs once",
+                stacklevel=stacklevel,
+            )
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) shards any module of ``model`` in place."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+class _Captured(BaseException):
+    """Ends a capture pass once every site has run (a ``BaseException``: model code that catches
+    ``Exception`` lets it through)."""
+
+
+@contextmanager
+def stop_after_sites(hooks: Intervention) -> Iterator[None]:
+    """Inside, a forward pass ends quietly right after the last of ``hooks``' sites has run.
+
+    The stop is a hook registered after every hook already on the site modules (``hooks``' own and a prefix
+    cache's recording), so those still see the site's output; nothing after the sites is computed.
+    """
+
+    def stop(*_: Any) -> None:
+        if all(hooks.fired.values()):
+            raise _Captured
+
+    handles = [
+        module.register_forward_pre_hook(stop) if site == INPUT else module.register_forward_hook(stop)
+        for site, module in hooks.modules.items()
+    ]
+    try:
+        yield
+    except _Captured:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _positions_for(activation: Tensor, positions: Tensor | None) -> Tensor | None:
