@@ -30,9 +30,12 @@ check of the gradients and the steps on δ are left out). Their sum is the limit
 (interleaved, median), which gives the profiler's own cost.
 
 ``--compile MODELS`` also times the inner loop alone (the engine's ``pgd`` over k steps, with the prefix
-cache and the site hook exactly as ``LatentAttack`` sets them up) with the callable that runs the suffix
-(``run_with``: δ in, objective out) eager and wrapped in ``torch.compile`` (inductor on the CPU), after a
-warm-up; the compile time (first compiled call minus a warm one) is reported apart. Nothing is asserted.
+cache and the site hook exactly as ``LatentAttack`` sets them up) eager and under ``torch.compile``
+(inductor on the CPU) in two forms: the callable that runs the suffix (``run_with``: δ in, objective out;
+the engine's replay of the prefix and its hooks are Python that dynamo breaks its graph at), and each
+outermost module of the suffix compiled in place (``nn.Module.compile``: later blocks, final norm, head),
+the engine left eager. Each is timed after a warm-up call; the compile time (first call minus a warm one),
+the graphs, the graph breaks and how far the final δ moved are reported. Nothing is asserted.
 
 Models: the image CNN (``ResNetCNN(width=16)``, batch 128, sites ``stem`` and ``block2``, relative L2
 ε=0.5, k=8, Adam) and SmolLM2-135M-Instruct at the input of layer 4 (``model.layers.3``) on issue 22's
@@ -60,10 +63,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 from latent_speed import Bench, _embedding_site, build_cnn, flop_split
+from torch import nn
+from torch._dynamo.utils import counters as dynamo_counters
 from torch.profiler import ProfilerActivity, profile
 
 from latentguard.engine import attack as attack_module
 from latentguard.engine.attack import LatentAttack, PGDConfig, _positions_for
+from latentguard.engine.io import ModelIO
 from latentguard.engine.site import Intervention, frozen
 from latentguard.engine.threat import Threat
 from latentguard.engine.trainer import DefenseConfig, TrainConfig, Trainer
@@ -267,30 +273,68 @@ def analyse(result: CaseResult) -> None:
 
 
 # -- torch.compile of the inner loop ---------------------------------------------------------------------
-def inner_loop(case: Case, compiled: bool, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """The engine's ``pgd`` over k steps as ``LatentAttack.__call__`` runs it (prefix cache active, hooks on
-    the site, weights frozen), with the suffix callable eager or ``torch.compile``d; seconds per call."""
+COMPILE_MODES = ("callable", "regional")
+
+
+def suffix_modules(model: nn.Module, io: ModelIO, batch: Any, site: str) -> list[str]:
+    """The outermost modules whose first call starts after ``site``'s first call has ended: what the suffix
+    runs (CNN at ``block2``: ``block3``, ``head``; a decoder: the later blocks, the final norm, the head)."""
+    clock, starts, ends = [0], {}, {}
+    names = {module: name for name, module in model.named_modules() if name}
+
+    def before(module: nn.Module, args: Any) -> None:
+        clock[0] += 1
+        starts.setdefault(names[module], clock[0])
+
+    def after(module: nn.Module, args: Any, output: Any) -> None:
+        clock[0] += 1
+        ends.setdefault(names[module], clock[0])
+
+    handles = [m.register_forward_pre_hook(before) for m in names]
+    handles += [m.register_forward_hook(after) for m in names]
+    try:
+        with frozen(model), torch.no_grad():  # eval mode: batch norms keep their statistics
+            io.forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    later = [name for name, start in starts.items() if start > ends[site]]
+    return [name for name in later if not any(name.startswith(other + ".") for other in later)]
+
+
+def inner_loop(case: Case, mode: str, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """The engine's ``pgd`` over k steps as ``LatentAttack.__call__`` runs it (prefix cache active, hook on
+    the site, weights frozen), seconds per call. ``mode``: ``eager``; ``callable``: the callable that runs
+    the suffix (``run_with``: δ in, objective out) wrapped in ``torch.compile``; ``regional``: every
+    outermost module of the suffix compiled in place (``nn.Module.compile``, undone afterwards)."""
     bench = case.bench
     model, io, batch = bench.model, bench.io, bench.batch
     attack = LatentAttack([case.site], case.threat, PGDConfig(steps=case.steps))
     if case.threat.epsilon_mode == "relative":
         attack.unit_sizes[case.site] = bench.unit_size(case.site)
+    regional = suffix_modules(model, io, batch, case.site) if mode == "regional" else []
     cache = attack.prefix_cache(model)
     references = attack.capture(model, io, batch, cache)
     positions = io.positions(batch)
     masks = {site: _positions_for(ref, positions) for site, ref in references.items()}
     times: list[float] = []
+    torch._dynamo.reset()
+    dynamo_counters.clear()
     with ExitStack() as stack:
         stack.enter_context(frozen(model, train=attack.config.model_mode == "train"))
         hooks = stack.enter_context(Intervention(model, attack.sites))
         if cache is not None:
             stack.enter_context(cache.active())
+        for name in regional:
+            module = model.get_submodule(name)
+            module.compile()
+            stack.callback(setattr, module, "_compiled_call_impl", None)
 
         def run_with(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
             hooks.deltas = deltas
             return attack.objective(lambda b: io.forward(model, b), io, batch)
 
-        objective = torch.compile(run_with) if compiled else run_with
+        objective = torch.compile(run_with) if mode == "callable" else run_with
 
         def one() -> Any:
             torch.manual_seed(1)
@@ -299,10 +343,9 @@ def inner_loop(case: Case, compiled: bool, repeats: int, log: Callable[[str], No
             )
 
         start = time.perf_counter()
-        first = one()
+        one()  # compiles, where anything is compiled
         first_seconds = time.perf_counter() - start
-        how = "compiled" if compiled else "eager"
-        log(f"  {case.note}: inner loop {how}, first call {first_seconds:.2f} s")
+        log(f"  {case.note}: inner loop {mode}, first call {first_seconds:.2f} s")
         with collection_paused():
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -314,29 +357,33 @@ def inner_loop(case: Case, compiled: bool, repeats: int, log: Callable[[str], No
         "runs": times,
         "first_call": first_seconds,
         "compile_seconds": first_seconds - seconds,
+        "compiled_modules": regional,
+        "graphs": int(dynamo_counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(dynamo_counters["resumes"].values())),  # code resumed after a break
         "delta": last.deltas[case.site],
-        "losses": last.losses,
-        "first_losses": first.losses,
     }
 
 
 def measure_compile(case: Case, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Eager against compiled inner loop on one case; ``error`` if compiling failed."""
-    eager = inner_loop(case, False, repeats, log)
-    try:
-        compiled = inner_loop(case, True, repeats, log)
-    except Exception as exc:  # report, do not hide: what failed to compile
-        return {"eager": _public(eager), "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
-    difference = float((compiled["delta"] - eager["delta"]).norm() / eager["delta"].norm().clamp_min(1e-12))
-    return {
-        "eager": _public(eager),
-        "compiled": _public(compiled),
-        "speedup": eager["seconds"] / compiled["seconds"],
-        "delta_relative_difference": difference,
-        "break_even_calls": compiled["compile_seconds"] / max(eager["seconds"] - compiled["seconds"], 1e-12)
-        if eager["seconds"] > compiled["seconds"]
-        else None,
-    }
+    """Eager against each compiled form of the inner loop on one case; ``error`` where compiling failed."""
+    eager = inner_loop(case, "eager", repeats, log)
+    found: dict[str, Any] = {"eager": _public(eager)}
+    for mode in COMPILE_MODES:
+        try:
+            compiled = inner_loop(case, mode, repeats, log)
+        except Exception as exc:  # report, do not hide: what failed to compile
+            found[mode] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+            continue
+        gain = eager["seconds"] - compiled["seconds"]
+        found[mode] = {
+            **_public(compiled),
+            "speedup": eager["seconds"] / compiled["seconds"],
+            "delta_relative_difference": float(
+                (compiled["delta"] - eager["delta"]).norm() / eager["delta"].norm().clamp_min(1e-12)
+            ),
+            "break_even_attacks": compiled["compile_seconds"] / gain if gain > 0 else None,
+        }
+    return found
 
 
 def _public(run: dict[str, Any]) -> dict[str, Any]:
@@ -388,19 +435,28 @@ def table(result: CaseResult) -> str:
 
 def compile_line(found: dict[str, Any]) -> str:
     eager = found["eager"]
-    if "error" in found:
-        return (
-            f"torch.compile of the inner loop: **failed** ({found['error']}); eager {_fmt(eager['seconds'])}"
+    lines = [
+        f"torch.compile of the inner loop (k PGD steps, median of {len(eager['runs'])} after a warm-up): "
+        f"eager {_fmt(eager['seconds'])}",
+        "",
+        "| compiled | seconds | speed-up | compile time | pays off after | graphs | breaks | δ differs |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for mode in COMPILE_MODES:
+        run = found.get(mode)
+        if run is None:
+            continue
+        what = "`run_with` (δ → loss)" if mode == "callable" else "suffix modules in place"
+        if "error" in run:
+            lines.append(f"| {what} | failed: {run['error']} | | | | | | |")
+            continue
+        even = run["break_even_attacks"]
+        pays = "never" if even is None else f"{even:.0f} attacks"
+        lines.append(
+            f"| {what} | {_fmt(run['seconds'])} | **{run['speedup']:.2f}×** | {_fmt(run['compile_seconds'])} "
+            f"| {pays} | {run['graphs']} | {run['graph_breaks']} | {run['delta_relative_difference']:.1e} |"
         )
-    compiled = found["compiled"]
-    even = found["break_even_calls"]
-    return (
-        f"torch.compile of the inner loop (k PGD steps, median of {len(eager['runs'])}): eager "
-        f"{_fmt(eager['seconds'])}, compiled {_fmt(compiled['seconds'])} → **{found['speedup']:.2f}×**; "
-        f"compile time {_fmt(compiled['compile_seconds'])}"
-        + (f" (pays off after {even:.0f} attacks)" if even is not None else " (never pays off)")
-        + f"; final δ differs by {found['delta_relative_difference']:.1e} (relative L2)."
-    )
+    return "\n".join(lines)
 
 
 def main() -> None:
