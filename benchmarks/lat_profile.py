@@ -60,6 +60,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # compile in this process, no worker pool
 
 import torch
 from latent_speed import Bench, _embedding_site, build_cnn, flop_split
@@ -477,7 +478,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(args.threads))
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     to_compile = {n.strip() for n in args.compile.split(",") if n.strip()}
 
