@@ -27,7 +27,7 @@ from latentguard.engine.threat import (
     random_on_sphere,
     unit_norms,
 )
-from latentguard.engine.trainer import DefenseConfig, TrainConfig, Trainer
+from latentguard.engine.trainer import DefenseConfig, TrainConfig, Trainer, all_finite
 from latentguard.errors import CheckpointError, NonFiniteError, SiteError
 from latentguard.runs import load_tensors, save_tensors
 
@@ -778,3 +778,10 @@ def test_nonfinite_loss_is_skipped_when_asked(kind: str) -> None:
     assert result.skipped == 2
     assert result.steps == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_gradient_check_finds_nan_and_inf_and_survives_a_sum_that_overflows() -> None:
+    ones, huge = torch.ones(10), torch.full((4,), 3e38)  # finite, but their float32 sum is inf
+    nan, inf = torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), float("-inf")])
+    assert all_finite([]) and all_finite([ones, huge]) and all_finite([ones.half(), ones.bfloat16()])
+    assert not all_finite([ones, nan]) and not all_finite([inf]) and not all_finite([huge, inf[:1]])

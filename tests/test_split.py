@@ -190,3 +190,53 @@ def test_the_captured_clean_activation_is_the_sites_output_even_if_later_layers_
     captured = attack.capture(model, ClassifierIO(), (inputs, labels))["site"]
     with torch.no_grad():
         torch.testing.assert_close(captured, model.site(model.pre(inputs)))
+
+
+class Counted(nn.Module):
+    """``head(site(pre(x)))`` that counts the calls of its head, optionally through ``pre`` again and ``site``
+    twice (modules reused within one pass)."""
+
+    def __init__(self, reuse_pre: bool = False, reuse_site: bool = False) -> None:
+        super().__init__()
+        self.pre, self.site, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.reuse_pre, self.reuse_site = reuse_pre, reuse_site
+        self.head_calls = 0
+        self.head.register_forward_pre_hook(lambda *_: setattr(self, "head_calls", self.head_calls + 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.site(torch.tanh(self.pre(x)))
+        if self.reuse_site:
+            hidden = self.site(torch.tanh(hidden))
+        if self.reuse_pre:
+            hidden = self.pre(torch.tanh(hidden))  # depends on δ: must not be replayed
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize("site", ["site", "input"])
+def test_the_clean_pass_stops_after_the_site(site: str) -> None:
+    torch.manual_seed(0)
+    model, batch = Counted(), _residual_batch()
+    attack = LatentAttack([site], Threat(epsilon=0.5), PGDConfig(steps=2))
+    captured = attack.capture(model, ClassifierIO(), batch, attack.prefix_cache(model))[site]
+    assert model.head_calls == 0  # nothing after the site ran
+    expected = batch[0] if site == "input" else model.site(torch.tanh(model.pre(batch[0])))
+    torch.testing.assert_close(captured, expected.detach())
+    attack.capture(model, ClassifierIO(), batch, whole=True)
+    assert model.head_calls == 1
+
+
+@pytest.mark.parametrize("reuse", ["pre", "site"])
+def test_a_module_reused_after_the_site_is_replayed_only_on_its_first_call(reuse: str) -> None:
+    results = {}
+    for cached in (False, True):
+        torch.manual_seed(0)
+        model = Counted(reuse_pre=reuse == "pre", reuse_site=reuse == "site")
+        attack = LatentAttack(["site"], Threat(epsilon=0.5), PGDConfig(steps=4, reuse_prefix=cached))
+        torch.manual_seed(1)
+        if reuse == "site":
+            with pytest.warns(UserWarning, match="site 'site' ran 2 times in one forward"):
+                results[cached] = attack(model, ClassifierIO(), _residual_batch())
+        else:
+            results[cached] = attack(model, ClassifierIO(), _residual_batch())
+    torch.testing.assert_close(results[True].deltas["site"], results[False].deltas["site"])
+    assert results[True].losses == pytest.approx(results[False].losses, rel=1e-5)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from latentguard.engine.io import ModelIO, require
-from latentguard.engine.site import Intervention, frozen
+from latentguard.engine.site import INPUT, Intervention, frozen
 from latentguard.engine.split import PrefixCache
 from latentguard.engine.threat import (
     Threat,
@@ -142,6 +142,16 @@ class AttackResult:
         return self.losses[-1] - self.losses[0] if len(self.losses) > 1 else 0.0
 
 
+def phase(name: str) -> AbstractContextManager[Any]:
+    """A ``lat/<name>`` range for ``torch.profiler`` while one records, else a no-op (one flag check).
+
+    ``benchmarks/lat_profile.py`` attributes a training step's wall time to these ranges.
+    """
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(f"lat/{name}")
+    return nullcontext()
+
+
 def _check_finite(value: Tensor, what: str, site: str, step: int) -> None:
     """Fail on NaN or inf anywhere in ``value``: one reduction, as it runs on every gradient of every step."""
     if not torch.isfinite(value.sum(dtype=torch.float32)):
@@ -163,10 +173,12 @@ def pgd(
     """
     masks = positions or {}
     deltas: Deltas = {}
-    for site, ref in references.items():
-        threat, rad = threats[site], radii[site]
-        start = random_in_ball(ref, threat, rad, generator) if config.random_start else torch.zeros_like(ref)
-        deltas[site] = project(start, threat, rad, ref, masks.get(site)).detach()
+    with phase("attack/start"):
+        for site, ref in references.items():
+            threat, rad = threats[site], radii[site]
+            zero = not config.random_start
+            start = torch.zeros_like(ref) if zero else random_in_ball(ref, threat, rad, generator)
+            deltas[site] = project(start, threat, rad, ref, masks.get(site)).detach()
     adam = None
     if config.optimizer == "adam":
         for delta in deltas.values():
@@ -177,32 +189,36 @@ def pgd(
     for step in range(config.steps):
         for delta in deltas.values():
             delta.requires_grad_(True)
-        loss = objective(deltas)
-        _check_finite(loss.detach(), "attack loss", ",".join(deltas), step)
-        grads = torch.autograd.grad(loss, list(deltas.values()))
-        result.losses.append(float(loss.detach()))
-        if step == 0:
-            result.first_grad_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
-        with torch.no_grad():
-            for (site, delta), grad in zip(list(deltas.items()), grads, strict=True):
-                _check_finite(grad, "perturbation gradient", site, step)
-                threat, rad = threats[site], radii[site]
-                if adam is not None:
-                    delta.grad = -grad  # Adam minimises
-                else:
-                    delta = delta + config.step_ratio * rad / config.steps * ascent_direction(grad, threat)
-                deltas[site] = delta
-        if adam is not None:
-            adam.step()
-            adam.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for site in deltas:
-                threat, rad = threats[site], radii[site]
-                projected = project(deltas[site].detach(), threat, rad, references[site], masks.get(site))
-                if adam is not None:
-                    deltas[site].copy_(projected)
-                else:
-                    deltas[site] = projected
+        with phase("attack/forward"):
+            loss = objective(deltas)
+            _check_finite(loss.detach(), "attack loss", ",".join(deltas), step)
+        with phase("attack/backward"):
+            grads = torch.autograd.grad(loss, list(deltas.values()))
+        with phase("attack/step"):
+            result.losses.append(float(loss.detach()))
+            if step == 0:
+                result.first_grad_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+            with torch.no_grad():
+                for (site, delta), grad in zip(list(deltas.items()), grads, strict=True):
+                    _check_finite(grad, "perturbation gradient", site, step)
+                    threat, rad = threats[site], radii[site]
+                    if adam is not None:
+                        delta.grad = -grad  # Adam minimises
+                    else:
+                        size = config.step_ratio * rad / config.steps
+                        delta = delta + size * ascent_direction(grad, threat)
+                    deltas[site] = delta
+            if adam is not None:
+                adam.step()
+                adam.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for site in deltas:
+                    threat, rad = threats[site], radii[site]
+                    projected = project(deltas[site].detach(), threat, rad, references[site], masks.get(site))
+                    if adam is not None:
+                        deltas[site].copy_(projected)
+                    else:
+                        deltas[site] = projected
     result.deltas = {site: delta.detach() for site, delta in deltas.items()}
     return result
 
@@ -235,21 +251,37 @@ class LatentAttack:
     def radii(self) -> dict[str, float]:
         return {site: radius(self._threats[site], self.unit_sizes.get(site)) for site in self.sites}
 
-    def capture(self, model: nn.Module, io: ModelIO, batch: Any, cache: PrefixCache | None = None) -> Deltas:
-        """The clean activations at every site (weights frozen, no graph kept); fills ``cache`` if given."""
+    def capture(
+        self,
+        model: nn.Module,
+        io: ModelIO,
+        batch: Any,
+        cache: PrefixCache | None = None,
+        *,
+        whole: bool = False,
+    ) -> Deltas:
+        """The clean activations at every site (weights frozen, no graph kept); fills ``cache`` if given.
+
+        The clean pass stops as soon as every site has run (the layers after them are not computed), unless
+        ``whole``: then it runs to the end and warns about a site whose module ran more than once. A model
+        sharded by FSDP2 always runs to the end (its units gather and free weights in hooks around every
+        forward, which a stopped pass would leave half done).
+        """
+        stop = not whole and not _sharded(model)
         with frozen(model, train=self.config.model_mode == "train"), torch.no_grad():
             with Intervention(model, self.sites, capture=True) as hooks:
+
+                def clean_pass() -> None:
+                    with stop_after_sites(hooks) if stop else nullcontext():
+                        io.forward(model, batch)
+
                 if cache is None:
-                    io.forward(model, batch)
+                    clean_pass()
                 else:
-                    cache.record(lambda: io.forward(model, batch))
+                    cache.record(clean_pass)
             hooks.check_fired()
-        for site, count in hooks.repeated().items():
-            warnings.warn(
-                f"site {site!r} ran {count} times in one forward (a reused module): each call gets the same "
-                "perturbation; pick a module that runs once",
-                stacklevel=3,
-            )
+        if whole:
+            _warn_repeated(hooks.fired, runs=1, stacklevel=4)
         return hooks.activations
 
     def prefix_cache(self, model: nn.Module) -> PrefixCache | None:
@@ -280,7 +312,8 @@ class LatentAttack:
         require(io, ("forward", "loss", "positions"), "LatentAttack")
         self._ensure_calibrated(model, io, batch)
         cache = self.prefix_cache(model)
-        references = self.capture(model, io, batch, cache)
+        with phase("attack/capture"):
+            references = self.capture(model, io, batch, cache)
         positions = io.positions(batch)
         radii = self.radii()
         with (
@@ -288,14 +321,21 @@ class LatentAttack:
             Intervention(model, self.sites) as hooks,
             cache.active() if cache is not None else nullcontext(),
         ):
+            runs = 0  # forward passes, to tell a site that runs more than once per pass
+
+            def run(inputs: Any) -> Any:
+                nonlocal runs
+                runs += 1
+                return io.forward(model, inputs)
 
             def run_with(deltas: Deltas) -> Tensor:
                 hooks.deltas = deltas
-                return self.objective(lambda b: io.forward(model, b), io, batch)
+                return self.objective(run, io, batch)
 
             masks = {site: _positions_for(ref, positions) for site, ref in references.items()}
             result = pgd(run_with, references, radii, self.threats(), self.config, masks, generator)
         result.fired = dict(hooks.fired)
+        _warn_repeated(hooks.fired, runs)
         return result
 
     def noise(
@@ -303,7 +343,7 @@ class LatentAttack:
     ) -> AttackResult:
         """Random perturbations on the sphere of the same radius: the RLAT baseline and a sanity check."""
         self._ensure_calibrated(model, io, batch)
-        references = self.capture(model, io, batch)
+        references = self.capture(model, io, batch, whole=True)  # no PGD pass follows to spot a reused site
         positions = io.positions(batch)
         radii = self.radii()
         deltas = {}
@@ -323,6 +363,56 @@ class LatentAttack:
         ):
             hooks.deltas = deltas
             return float(self.objective(lambda b: io.forward(model, b), io, batch))
+
+
+def _warn_repeated(fired: Mapping[str, int], runs: int, stacklevel: int = 3) -> None:
+    """Warn about each site whose module ran more than once per forward pass (``runs`` passes)."""
+    for site, count in fired.items():
+        if runs and count > runs:
+            warnings.warn(
+                f"site {site!r} ran {count // runs} times in one forward (a reused module): each call gets "
+                "the same perturbation; pick a module that runs once",
+                stacklevel=stacklevel,
+            )
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) shards any module of ``model`` in place."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+class _Captured(BaseException):
+    """Ends a capture pass once every site has run (a ``BaseException``: model code that catches
+    ``Exception`` lets it through)."""
+
+
+@contextmanager
+def stop_after_sites(hooks: Intervention) -> Iterator[None]:
+    """Inside, a forward pass ends quietly right after the last of ``hooks``' sites has run.
+
+    The stop is a hook registered after every hook already on the site modules (``hooks``' own and a prefix
+    cache's recording), so those still see the site's output; nothing after the sites is computed.
+    """
+
+    def stop(*_: Any) -> None:
+        if all(hooks.fired.values()):
+            raise _Captured
+
+    handles = [
+        module.register_forward_pre_hook(stop) if site == INPUT else module.register_forward_hook(stop)
+        for site, module in hooks.modules.items()
+    ]
+    try:
+        yield
+    except _Captured:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _positions_for(activation: Tensor, positions: Tensor | None) -> Tensor | None:

@@ -6,7 +6,9 @@ depend on the perturbation. While the cache is active those modules return their
 computing (forward hooks still fire), so each PGD step pays for the suffix ``g(h + δ)`` and the model's own
 glue code (masks, position ids), never for the prefix. This covers ``nn.Sequential`` stacks, CNNs and the
 block lists of Hugging Face encoders and decoders alike; when nothing can be cached (site ``input``, or a
-module called more than once) it degrades to the plain hook path, still exact.
+module called more than once) it degrades to the plain hook path, still exact. The recording pass may stop
+right after the sites (``LatentAttack.capture`` does): a cached module that the rest of the pass calls again
+is replayed only on its first call of each pass.
 """
 
 from __future__ import annotations
@@ -124,14 +126,26 @@ class PrefixCache:
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        """Inside, cached modules return their recorded outputs; their forward is restored on exit."""
+        """Inside, cached modules return their recorded outputs; their forward is restored on exit.
+
+        A recording may have stopped right after the sites (``LatentAttack.capture``), before a prefix
+        module ran a second time: within one pass of the model only a cached module's first call is
+        replayed, later calls run its forward.
+        """
         patched: list[tuple[nn.Module, Any]] = []
+        passes = [0]  # forward passes of the model since activation, counted by a hook on the model
+
+        def new_pass(*_: Any) -> None:
+            passes[0] += 1
+
+        handle = self.model.register_forward_pre_hook(new_pass)
         try:
             for module, output in self.cached.items():
                 patched.append((module, module.__dict__.get("forward")))
-                module.forward = _Replay(output)  # type: ignore[method-assign]
+                module.forward = _Replay(output, module.forward, passes)  # type: ignore[method-assign]
             yield
         finally:
+            handle.remove()
             for module, previous in patched:
                 if previous is None:
                     del module.forward
@@ -159,16 +173,23 @@ class _Replay:
     """A cached module's forward: its recorded output, copied until the suffix is seen to leave it alone.
 
     The first replay hands out a copy. If no step modified that copy in place, later replays hand out the
-    recorded tensors themselves (no copy per PGD step); their version counters guard the promise.
+    recorded tensors themselves (no copy per PGD step); their version counters guard the promise. Only the
+    first call of each forward pass is replayed; a module called again in the same pass runs its forward.
     """
 
-    def __init__(self, output: Any) -> None:
+    def __init__(self, output: Any, forward: Callable[..., Any], passes: list[int]) -> None:
         self.output = output
         self.versions = _versions(output)
         self.copy: Any = None
         self.shared = False
+        self.forward = forward  # the module's own, for a second call within one pass
+        self.passes = passes  # the model's pass count (one item)
+        self.replayed_in = -1  # the pass of the last replay
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.replayed_in == self.passes[0]:  # a reused module's later call: its input may depend on δ
+            return self.forward(*args, **kwargs)
+        self.replayed_in = self.passes[0]
         if not self.shared and self.copy is not None:
             self.shared = all(tensor._version == 0 for tensor in _tensors(self.copy))
         if not self.shared:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from latentguard.defenses.base import DefenseConfig
-from latentguard.engine.attack import AttackResult, LatentAttack
+from latentguard.engine.attack import AttackResult, LatentAttack, phase
 from latentguard.engine.distributed import (
     MixedPrecision,
     build_accelerator,
@@ -97,6 +97,23 @@ def build_schedule(
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether no tensor holds a NaN or an infinity.
+
+    A float32 sum per tensor, read once with one synchronisation: NaN and inf survive a sum, so finite sums
+    prove the tensors finite. This reads each gradient once where ``isfinite(g).all()`` also writes and
+    reads a mask as large (SmolLM2-135M on one CPU thread: 0.06 s instead of 1.1 s per step). Only a sum
+    that is not finite (or a finite sum that overflowed) falls back to the exact element-wise test.
+    """
+    if not tensors:
+        return True
+    sums = [t.sum(dtype=torch.float32) for t in tensors]
+    device = sums[0].device
+    if bool(torch.isfinite(torch.stack([s.to(device) for s in sums])).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def cycle(loader: Iterable[Any], skip: int = 0) -> Iterator[Any]:
@@ -365,33 +382,38 @@ class Trainer:
         reference = self._reference_output(batch) if kl and first else None
         sft = self.kind.clean_loss or self.defense.clean_weight > 0
         if sft or kl:
-            clean_output = self.io.forward(self.wrapped, batch)
-            if sft:
-                terms["clean"] = self.io.loss(clean_output, batch).mean()
-            if kl:
-                assert isinstance(self.io, DivergenceIO)
-                if reference is None:
-                    reference = self._reference_output(batch)
-                terms["kl"] = self.io.divergence(clean_output, reference, batch).mean()
+            with phase("train/clean_forward"):
+                clean_output = self.io.forward(self.wrapped, batch)
+                if sft:
+                    terms["clean"] = self.io.loss(clean_output, batch).mean()
+                if kl:
+                    assert isinstance(self.io, DivergenceIO)
+                    if reference is None:
+                        reference = self._reference_output(batch)
+                    terms["kl"] = self.io.divergence(clean_output, reference, batch).mean()
         if self.attack is not None:
             if not first and (attack := self._attack_everywhere(batch)) is None:
                 return None
             assert attack is not None
-            with self.kind.intervention(self.model, self.attack, attack) as hooks:
-                output = self.io.forward(self.wrapped, batch)
-                for name, (weight, term) in self.kind.extra_terms(self, batch).items():
-                    weights[name], terms[name] = weight, term
-            hooks.check_fired()
-            terms["adversarial"] = self.io.loss(output, batch).mean()
+            with phase("train/forward"):
+                with self.kind.intervention(self.model, self.attack, attack) as hooks:
+                    output = self.io.forward(self.wrapped, batch)
+                    for name, (weight, term) in self.kind.extra_terms(self, batch).items():
+                        weights[name], terms[name] = weight, term
+                hooks.check_fired()
+                terms["adversarial"] = self.io.loss(output, batch).mean()
             if attack.losses:
                 stats["attack_gain"] = attack.gain
         loss = sum(weights[name] * value for name, value in terms.items())
         assert isinstance(loss, Tensor)
         if not everywhere(self.accelerator, bool(torch.isfinite(loss))):
             return self._nonfinite("loss")
-        self.accelerator.backward(loss)
-        grads = [local_part(p.grad) for p in self.model.parameters() if p.grad is not None]
-        if not everywhere(self.accelerator, all(bool(torch.isfinite(g).all()) for g in grads)):
+        with phase("train/backward"):
+            self.accelerator.backward(loss)
+        with phase("train/grad_check"):
+            grads = [local_part(p.grad) for p in self.model.parameters() if p.grad is not None]
+            finite = all_finite(grads)
+        if not everywhere(self.accelerator, finite):
             return self._nonfinite("gradient")
         if hooks is not None:
             failure: NonFiniteError | None = None
@@ -405,9 +427,10 @@ class Trainer:
                 return self._nonfinite(f"perturbation step ({failure or 'in another process'})")
         if self.config.grad_clip and self.accelerator.sync_gradients:
             self.accelerator.clip_grad_norm_(self.wrapped.parameters(), self.config.grad_clip)
-        self.optimizer.step()  # prepared by fit: steps (and zeroes) only when the accumulated step is due
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with phase("train/optimizer"):
+            self.optimizer.step()  # prepared by fit: steps (and zeroes) only when the accumulated step is due
+            self.schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
         stats.update({f"loss/{name}": float(value.detach()) for name, value in terms.items()})
         stats["loss"] = float(loss.detach())
         stats["lr"] = float(self.schedule.get_last_lr()[0])

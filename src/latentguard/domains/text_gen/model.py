@@ -154,7 +154,12 @@ class PromptOnlyIO(CausalLMIO):
 def response_nll(output: ResponseLogits, labels: Tensor) -> Tensor:
     """Mean next-token NLL of each example over its scored (response) tokens, shape ``(batch,)``."""
     targets = output.targets(labels)
-    nll = F.cross_entropy(output.logits.float().transpose(1, 2), targets.clamp_min(0), reduction="none")
+    # one row per position, the softmax over the last (contiguous) dimension: over a transposed (batch,
+    # vocabulary, positions) view forward + backward took 3.7x as long (SmolLM2's 49k vocabulary, 8 x 127
+    # positions, one CPU thread: 2.0 s against 0.53 s), in the update and in every PGD step
+    logits = output.logits.float()
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.clamp_min(0).flatten(), reduction="none")
+    nll = nll.view_as(targets)
     scored = (targets != IGNORE).float()
     return (nll * scored).sum(dim=1) / scored.sum(dim=1).clamp_min(1)
 
