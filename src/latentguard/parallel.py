@@ -655,7 +655,8 @@ def run_parallel(
             _run_here(run_dir, todo, threads, record)
     finally:
         bar.close()
-    failed = [o for o in outcomes if o.status == "failed"]
+    order = {point.key: index for index, point in enumerate(points)}  # the sweep's order, not finishing order
+    failed = sorted((o for o in outcomes if o.status == "failed"), key=lambda o: order[o.point.key])
     _write_failures(run_dir, config, failed)
     missing = [p for p in all_points(config) if not is_done(run_dir, p, expected)]
     report = None
