@@ -350,6 +350,7 @@ def main() -> None:
     parser.add_argument("--clean-loss-only", action="store_true", help="only each side's clean loss")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--free", action="store_true", help=f"also free LAT (m = {FREE_REPLAYS}), per update")
+    parser.add_argument("--no-hook", action="store_true", help="leave out latentguard's hook path")
     parser.add_argument("--worker", nargs=2, metavar=("CELL", "COLUMN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -386,7 +387,8 @@ def main() -> None:
     )
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for index, cell in enumerate(cells):
-        columns = ["prefix"] if LAYER[cell] is None else ["prefix", "hook", *(["free"] if args.free else [])]
+        hook = [] if args.no_hook else ["hook"]
+        columns = ["prefix"] if LAYER[cell] is None else ["prefix", *hook, *(["free"] if args.free else [])]
         if args.clean_loss_only:
             columns = ["prefix"]
         jobs: list[tuple[str, list[str]]] = []
