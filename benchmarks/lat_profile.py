@@ -63,6 +63,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # compile in this process, no worker pool
 
 import torch
+from free_lat import Case
 from latent_speed import Bench, _embedding_site, build_cnn, flop_split
 from torch import nn
 from torch._dynamo.utils import counters as dynamo_counters
@@ -88,18 +89,6 @@ LAT_PHASES = {
 }
 PLAIN_FORWARD = "train/clean_forward"  # the plain (``clean``) step's forward
 PGD_PHASES = ("attack/forward", "attack/backward", "attack/step")
-
-
-@dataclass
-class Case:
-    """One model and site with the threat, PGD step count and training settings of exact LAT."""
-
-    bench: Bench
-    site: str
-    threat: Threat
-    steps: int
-    train: TrainConfig
-    note: str
 
 
 @dataclass

@@ -52,6 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
+from peak_rss import reset_peak_rss, status_kib
 from torch import Tensor, nn
 from torch.utils import flop_counter
 
@@ -385,25 +386,6 @@ def flop_split(bench: Bench, site: str) -> tuple[int, int]:
     return marks[0], counter.get_total_flops()
 
 
-def _status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux ``clear_refs`` 5); False if not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
     """Allocate the optimizer's state before measuring: an Adam step on zero gradients moves no weight."""
     for group in optimizer.param_groups:
@@ -436,16 +418,16 @@ def memory_probe(model: str, kind: str, depth: str | None, steps: int, threads: 
 
     def peak_increase(run: Callable[[], Any]) -> float:
         gc.collect()
-        reset = _reset_peak_rss()
-        before = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        reset = reset_peak_rss()
+        before = status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         run()
-        peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         assert before is not None and peak is not None
         return (peak - before) / 1024
 
     attack = peak_increase(step.attack) if kind != "plain" else None
     total = peak_increase(step)
-    method = "VmHWM - VmRSS, peak mark reset" if _reset_peak_rss() else "ru_maxrss after - before"
+    method = "VmHWM - VmRSS, peak mark reset" if reset_peak_rss() else "ru_maxrss after - before"
     return {"mib": total, "attack_mib": attack, "method": method}
 
 

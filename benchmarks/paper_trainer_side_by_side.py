@@ -90,6 +90,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
+from peak_rss import reset_peak_rss, status_kib
 
 PAPER_DIR = Path(os.environ.get("PAPER", "/work/scratch/paper-lat"))
 CELLS = ("plain", "lat-layer4", "lat-layer15")
@@ -102,23 +103,6 @@ LR = 1e-5
 
 
 # -- measurement helpers (shared by the workers) ---------------------------------------------------------
-def _status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux ``clear_refs`` 5); False if not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def _gib(kib: int | None) -> float | None:
@@ -194,8 +178,8 @@ def latentguard_cell(
             gains.append(stats["attack_gain"])
 
     gc.collect()
-    reset = _reset_peak_rss()
-    rss_before = _status_kib("VmRSS")
+    reset = reset_peak_rss()
+    rss_before = status_kib("VmRSS")
     step()  # warm-up: first-call allocations, AdamW state
     seconds: list[float] = []
     gc.collect()
@@ -210,7 +194,7 @@ def latentguard_cell(
     result.update(
         seconds=seconds,
         median=statistics.median(seconds),
-        peak_rss_gb=_gib(_status_kib("VmHWM")) if reset else None,
+        peak_rss_gb=_gib(status_kib("VmHWM")) if reset else None,
         rss_before_steps_gb=_gib(rss_before),
         peak_rss_process_gb=_gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
         step_losses=losses,

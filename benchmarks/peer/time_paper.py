@@ -32,22 +32,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: peak_rss
+from peak_rss import reset_peak_rss, status_kib
+
 PAPER = Path(os.environ.get("PAPER", "/work/scratch/paper-lat"))  # the scratch folder (see the docstring)
-
-
-def _status_kib(key: str) -> int | None:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def legacy_tokenizer(folder: Path) -> Any:
@@ -226,8 +214,8 @@ def main() -> None:
             losses.append(float(loss))
 
         gc.collect()
-        reset = _reset_peak_rss()
-        rss_before = _status_kib("VmRSS")
+        reset = reset_peak_rss()
+        rss_before = status_kib("VmRSS")
         step()  # warm-up: first-call allocations, AdamW state
         seconds: list[float] = []
         gc.collect()
@@ -239,7 +227,7 @@ def main() -> None:
                 seconds.append(time.perf_counter() - start)
         finally:
             gc.enable()
-        peak = _status_kib("VmHWM") if reset else None
+        peak = status_kib("VmHWM") if reset else None
     result.update(
         seconds=seconds,
         median=statistics.median(seconds),
