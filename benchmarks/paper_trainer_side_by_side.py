@@ -75,14 +75,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +88,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
-from peak_rss import reset_peak_rss, status_kib
+from peak_rss import status_kib, timed_steps
 
 PAPER_DIR = Path(os.environ.get("PAPER", "/work/scratch/paper-lat"))
 CELLS = ("plain", "lat-layer4", "lat-layer15")
@@ -177,20 +175,7 @@ def latentguard_cell(
         if "attack_gain" in stats:
             gains.append(stats["attack_gain"])
 
-    gc.collect()
-    reset = reset_peak_rss()
-    rss_before = status_kib("VmRSS")
-    step()  # warm-up: first-call allocations, AdamW state
-    seconds: list[float] = []
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            seconds.append(time.perf_counter() - start)
-    finally:
-        gc.enable()
+    seconds, reset, rss_before = timed_steps(step, repeats)
     result.update(
         seconds=seconds,
         median=statistics.median(seconds),

@@ -6,6 +6,9 @@ it too.
 
 from __future__ import annotations
 
+import gc
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -27,3 +30,26 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def timed_steps(step: Callable[[], object], repeats: int) -> tuple[list[float], bool, int | None]:
+    """One untimed warm-up ``step()`` then ``repeats`` timed ones (garbage collector off while timing).
+
+    The peak-RSS mark is reset first, so ``status_kib("VmHWM")`` afterwards covers the steps only. Returns
+    the seconds per step, whether the reset worked, and the RSS in KiB before the steps.
+    """
+    gc.collect()
+    reset = reset_peak_rss()
+    rss_before = status_kib("VmRSS")
+    step()  # warm-up: first-call allocations, optimizer state
+    seconds: list[float] = []
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            seconds.append(time.perf_counter() - start)
+    finally:
+        gc.enable()
+    return seconds, reset, rss_before

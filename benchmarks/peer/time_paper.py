@@ -20,20 +20,18 @@ Prints one JSON line: cell, seconds (timed runs after one untimed warm-up), medi
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import resource
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: peak_rss
-from peak_rss import reset_peak_rss, status_kib
+from peak_rss import status_kib, timed_steps
 
 PAPER = Path(os.environ.get("PAPER", "/work/scratch/paper-lat"))  # the scratch folder (see the docstring)
 
@@ -213,20 +211,7 @@ def main() -> None:
             wrapped.zero_grad()
             losses.append(float(loss))
 
-        gc.collect()
-        reset = reset_peak_rss()
-        rss_before = status_kib("VmRSS")
-        step()  # warm-up: first-call allocations, AdamW state
-        seconds: list[float] = []
-        gc.collect()
-        gc.disable()
-        try:
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                step()
-                seconds.append(time.perf_counter() - start)
-        finally:
-            gc.enable()
+        seconds, reset, rss_before = timed_steps(step, args.repeats)
         peak = status_kib("VmHWM") if reset else None
     result.update(
         seconds=seconds,
